@@ -1,0 +1,33 @@
+"""The Tornado application: routes and the services handlers get."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tornado import web
+
+from service.config import Config
+from service.netpolicy import AddressPolicy
+from service.store import TaskStore
+
+from .base import NotFoundHandler
+from .ops import HealthHandler, OpenAPIHandler
+from .tasks import CheckHandler, SubmitHandler, TaskHandler
+
+
+def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
+             expect_workers: bool = True) -> web.Application:
+    services = dict(store=store, wake=wake, mail_enabled=config.mail_enabled,
+                    policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
+                    expect_workers=expect_workers)
+    routes = [
+        (r"/submit", SubmitHandler),
+        (r"/check", CheckHandler),
+        (r"/tasks/([^/]+)", TaskHandler),
+        (r"/health", HealthHandler),
+        (r"/openapi.yaml", OpenAPIHandler),
+    ]
+    return web.Application(
+        [(path, handler, services) for path, handler in routes],
+        default_handler_class=NotFoundHandler, default_handler_args=services,
+        compress_response=False, xheaders=False)

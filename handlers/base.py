@@ -1,0 +1,147 @@
+"""What every md5-light handler shares: JSON out, JSON errors, bounded bodies,
+and a database call that fails fast with 503 instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pymongo
+from pymongo.errors import PyMongoError
+from tornado import httputil, web
+
+log = logging.getLogger("md5light.api")
+
+MAX_BODY = 64 * 1024
+DB_TIMEOUT = 3.0
+
+
+def dumps(value: Any) -> str:
+    # Compact and key-sorted: the original contract's bytes,
+    # {"md5":"...","status":"done","url":"..."}.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+class DatabaseUnavailable(web.HTTPError):
+    def __init__(self) -> None:
+        super().__init__(503, reason="Service Unavailable",
+                         log_message="database unavailable")
+
+
+@web.stream_request_body
+class JsonHandler(web.RequestHandler):
+    """Base class. Bodies stream in so that an oversized one is refused with
+    413 while it arrives, rather than buffered first."""
+
+    def initialize(self, **services: Any) -> None:
+        self.services = services
+        self._body = bytearray()
+
+    def compute_etag(self) -> None:
+        return None  # task state changes; a 304 would hide that
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def prepare(self) -> None:
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            try:
+                too_big = int(length) > MAX_BODY
+            except ValueError:
+                raise web.HTTPError(400, reason="Bad Request",
+                                    log_message="invalid Content-Length") from None
+            if too_big:
+                raise web.HTTPError(413, reason="Payload Too Large")
+        self.request.connection.set_max_body_size(MAX_BODY + 1)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+        if len(self._body) > MAX_BODY:
+            raise web.HTTPError(413, reason="Payload Too Large")
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self._body)
+
+    def send(self, status: int, payload: Any) -> None:
+        self.set_status(status)
+        self.finish(dumps(payload))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        messages = {
+            400: "bad request", 404: "not found", 405: "method not allowed",
+            413: f"request body larger than {MAX_BODY // 1024} KiB",
+            503: "database unavailable, try again shortly",
+        }
+        message = messages.get(status_code, self._reason.lower())
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message and status_code == 400:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        if status_code == 503:
+            self.set_header("Retry-After", "5")
+        self.finish(dumps({"error": message}))
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, web.HTTPError):
+            return  # expected: the client already got a JSON error
+        super().log_exception(typ, value, tb)
+
+    def arguments(self) -> dict[str, list[str]]:
+        """Parameters from the query string, a form body or a JSON object
+        body, as lists of strings. Bad encodings are a 400, never a 500."""
+        merged: dict[str, list[str]] = {}
+
+        def add(name: str, values: list[Any]) -> None:
+            merged.setdefault(name, []).extend(values)
+
+        try:
+            for name, values in self.request.query_arguments.items():
+                add(name, [v.decode("utf-8") for v in values])
+            body = self.body
+            ctype = self.request.headers.get("Content-Type", "")
+            if body and ctype.split(";")[0].strip().lower() == "application/json":
+                doc = json.loads(body.decode("utf-8"))
+                if not isinstance(doc, dict):
+                    raise ValueError("JSON body must be an object")
+                for name, value in doc.items():
+                    if value is not None and not isinstance(value, str):
+                        raise ValueError(f"{name} must be a string")
+                    add(name, [value] if value is not None else [])
+            elif body:
+                fields: dict[str, list[bytes]] = {}
+                if not ctype:
+                    ctype = "application/x-www-form-urlencoded"
+                httputil.parse_body_arguments(ctype, body, fields, {}, self.request.headers)
+                for name, values in fields.items():
+                    add(name, [v.decode("utf-8") for v in values])
+        except UnicodeDecodeError:
+            raise web.HTTPError(400, log_message="request is not valid UTF-8") from None
+        except ValueError as exc:
+            raise web.HTTPError(400, log_message=f"request body is not valid: {exc}") from None
+        return merged
+
+    def one(self, args: dict[str, list[str]], name: str) -> str | None:
+        values = args.get(name) or []
+        if len(values) > 1:
+            raise web.HTTPError(400, log_message=f"{name} given more than once")
+        return values[0] if values else None
+
+    async def db(self, awaitable_factory):
+        """Run a store call with a deadline; an unreachable database is a
+        quick 503, not a hang and not a 500."""
+        try:
+            with pymongo.timeout(DB_TIMEOUT):
+                return await awaitable_factory()
+        except PyMongoError as exc:
+            log.warning("database call failed: %s", type(exc).__name__)
+            raise DatabaseUnavailable() from None
+
+
+class NotFoundHandler(JsonHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise web.HTTPError(404)

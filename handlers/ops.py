@@ -1,0 +1,30 @@
+"""Endpoints for operators and tools: health, metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import JsonHandler
+
+OPENAPI = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+class HealthHandler(JsonHandler):
+    async def get(self) -> None:
+        store = self.services["store"]
+        report: dict = {"database": "ok", "workers": 0}
+        try:
+            await self.db(store.ping)
+            report["workers"] = await self.db(lambda: store.live_workers(within=10))
+        except Exception:  # noqa: BLE001 - any failure here means unhealthy
+            report["database"] = "unreachable"
+        healthy = report["database"] == "ok" and (
+            report["workers"] > 0 or not self.services["expect_workers"])
+        report["status"] = "ok" if healthy else "unhealthy"
+        self.send(200 if healthy else 503, report)
+
+
+class OpenAPIHandler(JsonHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/yaml; charset=UTF-8")
+        self.finish(OPENAPI.read_bytes())

@@ -1,0 +1,235 @@
+"""One typed configuration object, built from CLI flags and environment.
+
+Every setting has an environment variable; most also have a flag. The flag
+wins over the environment, the environment over the default. ``run.py
+--help`` is generated from the table below, so it cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """'10 GiB', '512MiB', '1000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (try 10GiB, 500MB, 1048576)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_seconds(text: str) -> float:
+    """'30', '30s', '1.5', '2m' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (try 30, 30s, 2m)")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * factor
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1 or 0)")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in str(text).split(",") if p.strip())
+
+
+def human_size(n: int) -> str:
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def _field(env: str, default: Any, parse: Callable[[str], Any], help: str,
+           flag: str | None = None, short: str | None = None, secret: bool = False):
+    return dataclasses.field(default=default, metadata={
+        "env": env, "parse": parse, "help": help, "flag": flag, "short": short,
+        "secret": secret})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = _field("HOST", "127.0.0.1", str, "address the API listens on", "--host")
+    port: int = _field("PORT", 8000, int, "port the API listens on", "--port")
+    workers: int = _field("WORKERS", os.cpu_count() or 1, int,
+                          "worker processes started by the 'all' role", "--workers")
+    concurrency: int = _field("WORKER_CONCURRENCY", 16, int,
+                              "downloads at once per worker process", "--concurrency")
+    mongodb_uri: str | None = _field("MONGODB_URI", None, str,
+                                     "MongoDB URI; unset starts the embedded SecantusDB",
+                                     "--mongodb-uri", secret=True)
+    data_dir: str = _field("DATA_DIR", "./data", str,
+                           "where the embedded database keeps its files", "--data-dir")
+    smtp_host: str | None = _field("SMTP_HOST", None, str, "SMTP server; unset turns mail off")
+    smtp_port: int = _field("SMTP_PORT", 587, int, "SMTP port")
+    smtp_user: str | None = _field("SMTP_USER", None, str, "SMTP login")
+    smtp_password: str | None = _field("SMTP_PASSWORD", None, str, "SMTP password", secret=True)
+    smtp_tls: str = _field("SMTP_TLS", "starttls", str, "none, starttls or ssl")
+    smtp_timeout: float = _field("SMTP_TIMEOUT", 30.0, parse_seconds, "SMTP socket timeout")
+    smtp_ca_file: str | None = _field("SMTP_CA_FILE", None, str,
+                                      "CA bundle to verify the SMTP server (default: system)")
+    mail_from: str = _field("MAIL_FROM", "md5-light@localhost", str, "sender address")
+    mail_max_attempts: int = _field("MAIL_MAX_ATTEMPTS", 6, int,
+                                    "delivery attempts before a notification fails")
+    mail_retry_base: float = _field("MAIL_RETRY_BASE", 15.0, parse_seconds,
+                                    "first mail retry delay; doubles each attempt")
+    allow_private_urls: bool = _field("ALLOW_PRIVATE_URLS", False, parse_bool,
+                                      "allow fetching from private/loopback addresses",
+                                      "--allow-private-urls")
+    allow_networks: tuple = _field("ALLOW_NETWORKS", (), parse_list,
+                                   "comma-separated CIDRs allowed despite the private-address block")
+    resolve: tuple = _field("RESOLVE", (), parse_list,
+                            "comma-separated HOST=ADDRESS overrides, like curl --resolve")
+    max_file_size: int = _field("MAX_FILE_SIZE", 10 * 1024**3, parse_size, "largest file hashed")
+    connect_timeout: float = _field("CONNECT_TIMEOUT", 10.0, parse_seconds,
+                                    "time to resolve and connect")
+    idle_timeout: float = _field("IDLE_TIMEOUT", 30.0, parse_seconds,
+                                 "a download fails after this long without progress")
+    min_speed: int = _field("MIN_SPEED", 1024, parse_size,
+                            "bytes per IDLE_TIMEOUT below which a download counts as stalled")
+    max_redirects: int = _field("MAX_REDIRECTS", 5, int, "redirects followed")
+    max_attempts: int = _field("MAX_ATTEMPTS", 3, int, "tries per task before it fails")
+    retry_base: float = _field("RETRY_BASE", 2.0, parse_seconds,
+                               "first retry delay of a download; doubles each attempt")
+    lease_seconds: float = _field("LEASE_SECONDS", 30.0, parse_seconds,
+                                  "a task whose worker is silent this long is claimed again")
+    poll_interval: float = _field("POLL_INTERVAL", 1.0, parse_seconds,
+                                  "how often idle workers look for work")
+    drain_seconds: float = _field("DRAIN_SECONDS", 10.0, parse_seconds,
+                                  "grace period for running downloads on shutdown")
+    idempotency_ttl: float = _field("IDEMPOTENCY_TTL", 86400.0, parse_seconds,
+                                    "how long an Idempotency-Key maps to its task")
+    log_level: str = _field("LOG_LEVEL", "INFO", str, "DEBUG, INFO, WARNING or ERROR",
+                            "--log-level")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.mongodb_uri
+
+    @property
+    def mail_enabled(self) -> bool:
+        return bool(self.smtp_host)
+
+    def describe(self) -> str:
+        """The settings, secrets hidden, for the start-up log."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = "***"
+            parts.append(f"{f.name}={value}")
+        return " ".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every setting that has one; defaults stay None so that
+    the environment can fill in what the command line did not say."""
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        names = [meta["flag"]] + ([meta["short"]] if meta["short"] else [])
+        default = "unset" if f.default is None else f.default
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            parser.add_argument(*names, dest=f.name, action="store_const", const="1",
+                                default=None,
+                                help=f"{meta['help']} (env {meta['env']}, default {default})")
+        else:
+            parser.add_argument(*names, dest=f.name, default=None, metavar=meta["env"],
+                                help=f"{meta['help']} (env {meta['env']}, default {default})")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                        const="DEBUG", help="debug logging (same as --log-level DEBUG)")
+
+
+def env_help() -> str:
+    lines = ["environment variables (a flag, where there is one, wins):"]
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        default = "unset" if f.default is None else f.default
+        if isinstance(default, int) and not isinstance(default, bool) and default > 1024**2:
+            default = human_size(default)
+        if f.name == "workers":
+            default = "CPU count"
+        lines.append(f"  {meta['env']:<20} {meta['help']} (default {default})")
+    return "\n".join(lines)
+
+
+def load(args: argparse.Namespace | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    errors = []
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(meta["env"])
+        if raw is None or (raw == "" and f.default is None):
+            continue
+        try:
+            values[f.name] = meta["parse"](raw)
+        except ValueError as exc:
+            errors.append(f"{meta['env']}: {exc}")
+    if errors:
+        raise SystemExit("configuration error: " + "; ".join(errors))
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    problems = []
+    if config.smtp_tls not in ("none", "starttls", "ssl"):
+        problems.append("SMTP_TLS must be none, starttls or ssl")
+    for name in ("workers", "concurrency", "max_attempts", "max_redirects"):
+        if getattr(config, name) < (0 if name in ("workers", "max_redirects") else 1):
+            problems.append(f"{name} is out of range")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    for item in config.resolve:
+        if "=" not in item:
+            problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")
+    if problems:
+        raise SystemExit("configuration error: " + "; ".join(problems))
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, **changes)
+
+
+def to_environ(config: Config) -> dict[str, str]:
+    """The environment that makes a child process load this same config."""
+    env = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        env[f.metadata["env"]] = str(value)
+    return env
+
+
+__all__: Sequence[str] = ["Config", "load", "add_arguments", "env_help", "to_environ",
+                          "parse_size", "parse_seconds", "human_size", "replace"]

@@ -1,0 +1,120 @@
+"""The pool of worker processes that the 'all' role runs beside the API.
+
+Each worker is ``run.py worker`` in its own process (its own IOLoop and
+GIL), given the same configuration through its environment. The API wakes
+them through a pipe per worker after each submit, so a task starts at once
+instead of at the next poll; a dead worker is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, to_environ
+from .procutil import die_with_parent
+
+log = logging.getLogger("md5light.pool")
+
+RUN_PY = str(Path(__file__).resolve().parent.parent / "run.py")
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: subprocess.Popen | None = None
+    wake_fd: int | None = None
+    started: float = 0.0
+    quick_deaths: int = 0
+    restart_at: float = 0.0
+    pids: list[int] = field(default_factory=list)
+
+
+class WorkerPool:
+    def __init__(self, config: Config, mongodb_uri: str, count: int):
+        self.config = config
+        self.mongodb_uri = mongodb_uri
+        self.slots = [_Slot(i) for i in range(count)]
+        self.stopping = False
+        self._supervisor: asyncio.Task | None = None
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process and s.process.poll() is None]
+
+    def _spawn(self, slot: _Slot) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        env = dict(os.environ)
+        env.update(to_environ(self.config))
+        env["MONGODB_URI"] = self.mongodb_uri
+        env["MD5LIGHT_WAKE_FD"] = str(read_fd)
+        # Own session: Ctrl-C reaches only run.py, which drains the workers
+        # in order (stop claiming, let downloads finish, requeue the rest).
+        slot.process = subprocess.Popen(
+            [sys.executable, RUN_PY, "worker"], env=env, pass_fds=(read_fd,),
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        os.close(read_fd)
+        if slot.wake_fd is not None:
+            os.close(slot.wake_fd)
+        slot.wake_fd = write_fd
+        slot.started = time.monotonic()
+        log.info("worker process %d started (pid %d)", slot.index, slot.process.pid)
+
+    def wake(self) -> None:
+        for slot in self.slots:
+            if slot.wake_fd is None:
+                continue
+            try:
+                os.write(slot.wake_fd, b"!")
+            except (BlockingIOError, BrokenPipeError):
+                pass  # full pipe: already awake; broken: the supervisor restarts it
+
+    async def _supervise(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for slot in self.slots:
+                proc = slot.process
+                if self.stopping or proc is None or proc.poll() is None:
+                    continue
+                if slot.restart_at == 0.0:
+                    lived = now - slot.started
+                    slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
+                    delay = min(30.0, 0.5 * 2 ** slot.quick_deaths) if slot.quick_deaths else 0
+                    slot.restart_at = now + delay
+                    log.error("worker process %d (pid %d) exited with %s; restarting in %.1f s",
+                              slot.index, proc.pid, proc.returncode, delay)
+                if now >= slot.restart_at:
+                    slot.restart_at = 0.0
+                    self._spawn(slot)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        running = [s.process for s in self.slots if s.process and s.process.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + self.config.drain_seconds + 15
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for proc in running:
+            if proc.poll() is None:
+                log.warning("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        for slot in self.slots:
+            if slot.wake_fd is not None:
+                os.close(slot.wake_fd)
+                slot.wake_fd = None

@@ -1,0 +1,271 @@
+"""Tasks in MongoDB: the record of every task and the queue workers claim from.
+
+A task moves queued -> running -> done | failed. ``lease_until`` does double
+duty: for a queued task it is the earliest time it may run (now, or later
+after a retry back-off); for a running task it is when its worker's lease
+expires. One index on (status, lease_until) therefore serves every claim.
+
+Claims find a candidate with an indexed ``find_one`` and then take it with a
+conditional ``update_one`` on ``_id`` plus the values just read, because
+``find_one_and_update`` with a non-``_id`` filter gets slower as the
+collection grows on SecantusDB (see the design's known traps). A lost race
+just means trying the next candidate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+# notification.status values
+NOTE_NONE, NOTE_PENDING, NOTE_SENT, NOTE_FAILED, NOTE_SKIPPED = (
+    "none", "pending", "sent", "failed", "skipped")
+
+
+def utcnow() -> dt.datetime:
+    # Millisecond precision: BSON dates hold no more, and the claim's
+    # compare-and-set must compare equal to what it read back.
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _after(seconds: float) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=seconds)
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different request."""
+
+
+def connect(uri: str, **kwargs: Any) -> AsyncMongoClient:
+    # tz_aware: datetimes come back as aware UTC, so comparisons and
+    # compare-and-set guards round-trip exactly.
+    options = dict(serverSelectionTimeoutMS=5000, connectTimeoutMS=5000,
+                   tz_aware=True, appname="md5-light")
+    options.update(kwargs)
+    return AsyncMongoClient(uri, **options)
+
+
+class TaskStore:
+    def __init__(self, client: AsyncMongoClient, max_attempts: int = 3,
+                 lease_seconds: float = 30.0, idempotency_ttl: float = 86400.0):
+        self.client = client
+        self.db = client.get_default_database("md5light")
+        self.tasks = self.db["tasks"]
+        self.idempotency = self.db["idempotency"]
+        self.max_attempts = max_attempts
+        self.lease_seconds = lease_seconds
+        self.idempotency_ttl = idempotency_ttl
+
+    async def ensure_indexes(self) -> None:
+        await self.tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)],
+                                      name="claim")
+        await self.tasks.create_index([("notification.status", ASCENDING),
+                                       ("notification.next_at", ASCENDING)],
+                                      name="notification_claim")
+        await self.tasks.create_index([("created_at", DESCENDING)], name="history")
+        await self.idempotency.create_index("created_at", name="expiry",
+                                            expireAfterSeconds=int(self.idempotency_ttl))
+
+    async def ping(self) -> None:
+        await self.db.command("ping")
+
+    # -- API side -------------------------------------------------------
+
+    async def create(self, url: str, email: str | None, notify: bool,
+                     idempotency_key: str | None = None) -> str:
+        task_id = str(uuid.uuid4())
+        if idempotency_key:
+            task_id = await self._reserve_key(idempotency_key, task_id, url, email)
+        now = utcnow()
+        doc = {
+            "_id": task_id, "url": url, "email": email, "status": QUEUED,
+            "md5": None, "error": None, "bytes_done": 0, "bytes_total": None,
+            "attempts": 0, "lease_until": now, "worker": None,
+            "created_at": now, "started_at": None, "finished_at": None,
+            "notification": {
+                "status": NOTE_NONE if not email else (NOTE_PENDING if notify else NOTE_SKIPPED),
+                "attempts": 0, "error": None, "sent_at": None, "next_at": None},
+        }
+        try:
+            await self.tasks.insert_one(doc)
+        except DuplicateKeyError:
+            # Only an idempotent retry reuses an id; its task is already there.
+            pass
+        return task_id
+
+    async def _reserve_key(self, key: str, task_id: str, url: str, email: str | None) -> str:
+        now = utcnow()
+        try:
+            await self.idempotency.insert_one(
+                {"_id": key, "task_id": task_id, "url": url, "email": email, "created_at": now})
+            return task_id
+        except DuplicateKeyError:
+            pass
+        existing = await self.idempotency.find_one({"_id": key})
+        if existing is None:  # expired between the two calls
+            return await self._reserve_key(key, task_id, url, email)
+        if existing["created_at"] < now - dt.timedelta(seconds=self.idempotency_ttl):
+            result = await self.idempotency.update_one(
+                {"_id": key, "created_at": existing["created_at"]},
+                {"$set": {"task_id": task_id, "url": url, "email": email, "created_at": now}})
+            return task_id if result.modified_count else await self._reserve_key(
+                key, task_id, url, email)
+        if existing["url"] != url or existing.get("email") != email:
+            raise IdempotencyConflict()
+        return existing["task_id"]
+
+    async def get(self, task_id: str) -> dict | None:
+        return await self.tasks.find_one({"_id": task_id})
+
+    async def counts_by_status(self) -> dict[str, int]:
+        out = {}
+        for status in (QUEUED, RUNNING, DONE, FAILED):
+            out[status] = await self.tasks.count_documents({"status": status})
+        return out
+
+    # -- worker side ----------------------------------------------------
+
+    async def claim(self, worker: str) -> dict | None:
+        """Take one runnable task for ``worker``, or None when there is none.
+
+        Queued tasks come first, oldest eligible first; then running tasks
+        whose worker stopped renewing its lease. A task whose workers died
+        ``max_attempts`` times is failed rather than tried forever.
+        """
+        for _ in range(20):
+            now = utcnow()
+            cand = await self.tasks.find_one(
+                {"status": QUEUED, "lease_until": {"$lte": now}},
+                sort=[("lease_until", ASCENDING)])
+            if cand is None:
+                cand = await self.tasks.find_one(
+                    {"status": RUNNING, "lease_until": {"$lt": now}},
+                    sort=[("lease_until", ASCENDING)])
+                if cand is None:
+                    return None
+                if cand.get("attempts", 0) >= self.max_attempts:
+                    await self._fail_abandoned(cand, now)
+                    continue
+            taken = await self._take(cand, worker, now)
+            if taken is not None:
+                return taken
+        return None
+
+    async def _take(self, cand: dict, worker: str, now: dt.datetime) -> dict | None:
+        changes: dict[str, Any] = {"status": RUNNING, "worker": worker,
+                                   "lease_until": now + dt.timedelta(seconds=self.lease_seconds)}
+        if cand.get("started_at") is None:
+            changes["started_at"] = now
+        result = await self.tasks.update_one(
+            {"_id": cand["_id"], "status": cand["status"], "lease_until": cand["lease_until"]},
+            {"$set": changes, "$inc": {"attempts": 1}})
+        if not result.modified_count:
+            return None
+        cand.update(changes)
+        cand["attempts"] = cand.get("attempts", 0) + 1
+        return cand
+
+    async def _fail_abandoned(self, cand: dict, now: dt.datetime) -> None:
+        await self.tasks.update_one(
+            {"_id": cand["_id"], "status": RUNNING, "lease_until": cand["lease_until"]},
+            {"$set": self._finish_fields(cand, now, FAILED, error={
+                "code": "worker_lost",
+                "message": f"processing stopped unexpectedly {cand.get('attempts', 0)} times; "
+                           "giving up"})})
+
+    def _finish_fields(self, task: dict, now: dt.datetime, status: str,
+                       md5: str | None = None, error: dict | None = None) -> dict:
+        fields: dict[str, Any] = {"status": status, "md5": md5, "error": error,
+                                  "finished_at": now, "lease_until": None}
+        note = (task.get("notification") or {}).get("status")
+        if note == NOTE_PENDING:
+            fields["notification.next_at"] = now
+        return fields
+
+    async def renew(self, task_id: str, worker: str, bytes_done: int,
+                    bytes_total: int | None) -> bool:
+        """Extend the lease and record progress; False when the lease is lost."""
+        result = await self.tasks.update_one(
+            {"_id": task_id, "status": RUNNING, "worker": worker},
+            {"$set": {"lease_until": _after(self.lease_seconds),
+                      "bytes_done": bytes_done, "bytes_total": bytes_total}})
+        return bool(result.matched_count)
+
+    async def finish(self, task: dict, worker: str, md5: str | None = None,
+                     error: dict | None = None, bytes_done: int | None = None,
+                     bytes_total: int | None = None) -> bool:
+        now = utcnow()
+        fields = self._finish_fields(task, now, DONE if md5 else FAILED, md5=md5, error=error)
+        if bytes_done is not None:
+            fields["bytes_done"] = bytes_done
+            fields["bytes_total"] = bytes_total
+        result = await self.tasks.update_one(
+            {"_id": task["_id"], "status": RUNNING, "worker": worker}, {"$set": fields})
+        return bool(result.modified_count)
+
+    async def retry_later(self, task: dict, worker: str, delay: float, error: dict,
+                          count_attempt: bool = True) -> bool:
+        """Put a running task back in the queue, runnable after ``delay``."""
+        update: dict[str, Any] = {"$set": {"status": QUEUED, "worker": None,
+                                           "lease_until": _after(delay), "error": error,
+                                           "bytes_done": 0}}
+        if not count_attempt:
+            update["$inc"] = {"attempts": -1}
+        result = await self.tasks.update_one(
+            {"_id": task["_id"], "status": RUNNING, "worker": worker}, update)
+        return bool(result.modified_count)
+
+    # -- notifications --------------------------------------------------
+
+    async def claim_notification(self, worker: str, lease: float) -> dict | None:
+        """Take a finished task whose mail is due. The claim pushes next_at
+        forward by ``lease``, so a crashed sender's mail becomes due again."""
+        for _ in range(20):
+            now = utcnow()
+            cand = await self.tasks.find_one(
+                {"notification.status": NOTE_PENDING, "notification.next_at": {"$lte": now}},
+                sort=[("notification.next_at", ASCENDING)])
+            if cand is None:
+                return None
+            result = await self.tasks.update_one(
+                {"_id": cand["_id"], "notification.status": NOTE_PENDING,
+                 "notification.next_at": cand["notification"]["next_at"]},
+                {"$set": {"notification.next_at": now + dt.timedelta(seconds=lease),
+                          "notification.worker": worker},
+                 "$inc": {"notification.attempts": 1}})
+            if result.modified_count:
+                cand["notification"]["attempts"] = cand["notification"].get("attempts", 0) + 1
+                return cand
+        return None
+
+    async def notification_sent(self, task_id: str) -> None:
+        await self.tasks.update_one(
+            {"_id": task_id},
+            {"$set": {"notification.status": NOTE_SENT, "notification.sent_at": utcnow(),
+                      "notification.next_at": None, "notification.error": None}})
+
+    async def notification_failed(self, task_id: str, error: str, retry_in: float | None) -> None:
+        if retry_in is None:
+            changes = {"notification.status": NOTE_FAILED, "notification.next_at": None}
+        else:
+            changes = {"notification.next_at": _after(retry_in)}
+        changes["notification.error"] = error
+        await self.tasks.update_one({"_id": task_id}, {"$set": changes})
+
+    # -- worker liveness ------------------------------------------------
+
+    async def heartbeat(self, worker: str, active: int) -> None:
+        await self.db["workers"].update_one(
+            {"_id": worker}, {"$set": {"heartbeat_at": utcnow(), "active": active}},
+            upsert=True)
+
+    async def live_workers(self, within: float) -> int:
+        since = utcnow() - dt.timedelta(seconds=within)
+        return await self.db["workers"].count_documents({"heartbeat_at": {"$gte": since}})

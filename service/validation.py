@@ -1,0 +1,77 @@
+"""What a submit may ask for. Each check raises InvalidInput with a sentence
+the user can act on; the handler turns it into a 400."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from email_validator import EmailNotValidError, validate_email
+
+from .netpolicy import AddressPolicy, parse_ip_literal
+
+MAX_URL_LENGTH = 2048
+MAX_EMAIL_LENGTH = 254
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class InvalidInput(ValueError):
+    pass
+
+
+def _no_controls(name: str, value: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidInput(f"{name} must not contain control characters (NUL, CR, LF, tab...)")
+
+
+def check_url(url: str | None, policy: AddressPolicy) -> str:
+    if url is None:
+        raise InvalidInput("url is required")
+    url = url.strip(" ")
+    if not url:
+        raise InvalidInput("url is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidInput(f"url is longer than {MAX_URL_LENGTH} characters")
+    _no_controls("url", url)
+    if " " in url:
+        raise InvalidInput("url must not contain spaces (percent-encode them as %20)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidInput(f"url is malformed: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidInput("url must start with http:// or https://")
+    if not parts.hostname:
+        raise InvalidInput("url has no host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidInput("url must not contain a user name or password")
+    if port == 0:
+        raise InvalidInput("url has an invalid port")
+    ip = parse_ip_literal(parts.hostname)
+    if ip is not None and not policy.allows(ip):
+        raise InvalidInput(f"url points to {ip}, a private or reserved address "
+                           "that this service does not fetch from")
+    return url
+
+
+def check_email(email: str | None) -> str | None:
+    if email is None or email.strip() == "":
+        return None
+    email = email.strip()
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise InvalidInput(f"email is longer than {MAX_EMAIL_LENGTH} characters")
+    _no_controls("email", email)
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidInput(f"email is not valid: {exc}") from None
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None or key == "":
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidInput(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    if any(ord(c) < 33 or ord(c) > 126 for c in key):
+        raise InvalidInput("Idempotency-Key must be printable ASCII without spaces")
+    return key

@@ -1,0 +1,260 @@
+"""Real HTTP file servers on 127.0.0.1 for the tests: every way a server can
+send (or fail to send) a file. Bodies are deterministic pseudo-random bytes,
+so a test computes the expected md5 with hashlib over the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import random
+import socket
+import threading
+from functools import lru_cache
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+BLOCK = 1024 * 1024
+
+
+def blocks(size: int, seed: int = 0):
+    """The body of /bytes/<size>?seed=<seed>, one MiB at a time."""
+    rng = random.Random(f"{seed}-{size}")
+    left = size
+    while left > 0:
+        n = min(BLOCK, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+@lru_cache(maxsize=64)
+def body(size: int, seed: int = 0) -> bytes:
+    return b"".join(blocks(size, seed))
+
+
+def md5_of(size: int, seed: int = 0) -> str:
+    h = hashlib.md5()
+    for block in blocks(size, seed):
+        h.update(block)
+    return h.hexdigest()
+
+
+class _Base(web.RequestHandler):
+    def compute_etag(self):
+        return None
+
+    def seed(self) -> int:
+        return int(self.get_argument("seed", "0"))
+
+
+class BytesHandler(_Base):
+    """Content-Length body."""
+
+    async def get(self, size: str) -> None:
+        n = int(size)
+        self.set_header("Content-Length", str(n))
+        self.set_header("Content-Type", "application/octet-stream")
+        for block in blocks(n, self.seed()):
+            self.write(block)
+            await self.flush()
+
+
+class ChunkedHandler(_Base):
+    """Transfer-Encoding: chunked (no Content-Length, several flushes)."""
+
+    async def get(self, size: str) -> None:
+        n = int(size)
+        for block in blocks(n, self.seed()):
+            for i in range(0, len(block), 7919):  # odd chunk sizes
+                self.write(block[i:i + 7919])
+                await self.flush()
+
+
+class RedirectHandler(_Base):
+    def get(self, hops: str, rest: str) -> None:
+        k = int(hops)
+        code = int(self.get_argument("code", "302"))
+        query = f"?{self.request.query}" if self.request.query else ""
+        target = f"/redirect/{k - 1}/{rest}{query}" if k > 1 else f"/{rest}{query}"
+        self.redirect(target, status=code)
+
+
+class RedirectToHandler(_Base):
+    def get(self) -> None:
+        self.redirect(self.get_argument("to"), status=302)
+
+
+class StatusHandler(_Base):
+    def get(self, code: str) -> None:
+        self.set_status(int(code))
+        if self.get_argument("retry_after", None):
+            self.set_header("Retry-After", self.get_argument("retry_after"))
+        self.finish(f"<html>error page {code}</html>")
+
+
+class FlakyHandler(_Base):
+    """Fails the first `fails` requests for a key with `code`, then serves."""
+
+    counts: dict[str, int] = {}
+
+    async def get(self, key: str, size: str) -> None:
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        if count <= int(self.get_argument("fails", "1")):
+            self.set_status(int(self.get_argument("code", "503")))
+            if self.get_argument("retry_after", None):
+                self.set_header("Retry-After", self.get_argument("retry_after"))
+            self.finish("try again")
+            return
+        n = int(size)
+        self.set_header("Content-Length", str(n))
+        self.write(body(n, self.seed()))
+
+
+class ShortHandler(_Base):
+    """Announces `size` bytes, sends half, then hangs up."""
+
+    async def get(self, size: str) -> None:
+        n = int(size)
+        self.set_header("Content-Length", str(n))
+        self.write(body(n, self.seed())[: n // 2])
+        await self.flush()
+        self.request.connection.stream.close()
+
+
+class SlowHandler(_Base):
+    """Sends `size` bytes in `parts` pieces, `delay` seconds apart."""
+
+    async def get(self, size: str) -> None:
+        n = int(size)
+        parts = int(self.get_argument("parts", "10"))
+        delay = float(self.get_argument("delay", "0.2"))
+        data = body(n, self.seed())
+        self.set_header("Content-Length", str(n))
+        step = max(1, -(-n // parts))
+        for i in range(0, n, step):
+            self.write(data[i:i + step])
+            await self.flush()
+            await asyncio.sleep(delay)
+
+
+class TrickleHandler(_Base):
+    """One byte a second, forever (until the client gives up)."""
+
+    async def get(self) -> None:
+        while True:
+            self.write(b"x")
+            await self.flush()
+            await asyncio.sleep(1.0)
+
+
+class StallHandler(_Base):
+    """Headers and a few bytes, then silence (connection kept open)."""
+
+    async def get(self) -> None:
+        self.set_header("Content-Length", "1000000")
+        self.write(b"y" * 100)
+        await self.flush()
+        await asyncio.sleep(3600)
+
+
+class EndlessHandler(_Base):
+    async def get(self) -> None:
+        block = body(BLOCK, 7)
+        while True:
+            self.write(block)
+            await self.flush()
+
+
+class GzipHandler(_Base):
+    """A gzip-encoded body: the md5 is of the bytes sent, not decompressed."""
+
+    def get(self, size: str) -> None:
+        data = gzip_body(int(size))
+        self.set_header("Content-Encoding", "gzip")
+        self.set_header("Content-Type", "text/plain")
+        self.finish(data)
+
+
+@lru_cache(maxsize=8)
+def gzip_body(size: int) -> bytes:
+    return gzip.compress(b"hello md5-light\n" * (size // 16), mtime=0)
+
+
+def make_app() -> web.Application:
+    return web.Application([
+        (r"/bytes/(\d+)", BytesHandler),
+        (r"/chunked/(\d+)", ChunkedHandler),
+        (r"/redirect/(\d+)/(.*)", RedirectHandler),
+        (r"/redirect-to", RedirectToHandler),
+        (r"/status/(\d+)", StatusHandler),
+        (r"/flaky/([\w-]+)/(\d+)", FlakyHandler),
+        (r"/short/(\d+)", ShortHandler),
+        (r"/slow/(\d+)", SlowHandler),
+        (r"/trickle", TrickleHandler),
+        (r"/stall", StallHandler),
+        (r"/endless", EndlessHandler),
+        (r"/gzip/(\d+)", GzipHandler),
+    ])
+
+
+class ThreadedServer:
+    """A Tornado file server on its own IOLoop in a daemon thread."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            sockets = bind_sockets(0, self.host, family=socket.AF_INET)
+            self.port = sockets[0].getsockname()[1]
+            server = HTTPServer(make_app())
+            server.add_sockets(sockets)
+            self._ready.set()
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+
+    def start(self) -> "ThreadedServer":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+
+class RawUntilCloseServer:
+    """An HTTP/1.0-style server: no Content-Length, no chunking, the body
+    ends when the connection closes. Tornado's documented trap."""
+
+    def __init__(self, size: int, seed: int = 3):
+        self.size, self.seed = size, seed
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+                for block in blocks(self.size, self.seed):
+                    conn.sendall(block)
+            except OSError:
+                pass
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/file.bin"
