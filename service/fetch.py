@@ -72,8 +72,11 @@ def make_client(config: Config) -> AsyncHTTPClient:
     resolver = FilteringResolver(
         policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
         overrides=parse_overrides(config.resolve))
+    # max_body_size is left unbounded: the Download enforces MAX_FILE_SIZE
+    # itself, so that hitting it reads as "too large" and not as a dropped
+    # connection, whatever the framing (length, chunked, until close).
     client = AsyncHTTPClient(force_instance=True, max_clients=config.concurrency,
-                             resolver=resolver, max_body_size=config.max_file_size,
+                             resolver=resolver, max_body_size=2**62,
                              max_header_size=64 * 1024)
     client.tcp_client = _TrackingTCPClient(resolver=resolver)
     return client
@@ -117,6 +120,7 @@ class Download:
         self._headers = httputil.HTTPHeaders()
         self._hashing = False
         self._mark = (time.monotonic(), 0)
+        self._last_data = time.monotonic()
 
     # -- control ----------------------------------------------------------
 
@@ -138,7 +142,7 @@ class Download:
             self._mark = (now, self.bytes_done)
         elif now - since >= self.config.idle_timeout:
             seconds = f"{self.config.idle_timeout:g} s"
-            if self.bytes_done == at_bytes:
+            if now - self._last_data >= self.config.idle_timeout:
                 message = f"no data from {_host(self.url)} for {seconds}"
             else:
                 message = (f"download from {_host(self.url)} stalled: "
@@ -188,6 +192,7 @@ class Download:
         if not self._hashing or self.error is not None:
             return None
         self.bytes_done += len(chunk)
+        self._last_data = time.monotonic()
         if self.bytes_done > self.config.max_file_size:
             self.abort(self._too_large())
             return None

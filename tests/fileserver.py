@@ -150,11 +150,10 @@ class TrickleHandler(_Base):
 
 
 class StallHandler(_Base):
-    """Headers and a few bytes, then silence (connection kept open)."""
+    """Headers, then silence (connection kept open)."""
 
     async def get(self) -> None:
         self.set_header("Content-Length", "1000000")
-        self.write(b"y" * 100)
         await self.flush()
         await asyncio.sleep(3600)
 
