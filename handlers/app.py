@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
+
 from tornado import web
 
 from service.config import Config
@@ -30,4 +32,18 @@ def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
     return web.Application(
         [(path, handler, services) for path, handler in routes],
         default_handler_class=NotFoundHandler, default_handler_args=services,
-        compress_response=False, xheaders=False)
+        compress_response=False, xheaders=False, log_function=log_request)
+
+
+_access = logging.getLogger("tornado.access")
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """Tornado's access log minus the query string, which can carry email
+    addresses and URLs with secrets."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if _access.isEnabledFor(level):
+        request = handler.request
+        _access.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path,
+                    request.remote_ip, 1000.0 * request.request_time())

@@ -14,6 +14,7 @@ from tornado import httputil, web
 log = logging.getLogger("md5light.api")
 
 MAX_BODY = 64 * 1024
+DRAIN_CAP = 1024 * 1024
 DB_TIMEOUT = 3.0
 
 
@@ -37,6 +38,7 @@ class JsonHandler(web.RequestHandler):
     def initialize(self, **services: Any) -> None:
         self.services = services
         self._body = bytearray()
+        self._too_big = False
 
     def compute_etag(self) -> None:
         return None  # task state changes; a 304 would hide that
@@ -56,12 +58,16 @@ class JsonHandler(web.RequestHandler):
                                     log_message="invalid Content-Length") from None
             if too_big:
                 raise web.HTTPError(413, reason="Payload Too Large")
-        self.request.connection.set_max_body_size(MAX_BODY + 1)
+        # A chunked body is read on past the limit (and dropped), up to a
+        # hard cap, so the client gets a clean 413 instead of a reset.
+        self.request.connection.set_max_body_size(DRAIN_CAP)
 
     def data_received(self, chunk: bytes) -> None:
+        if self._too_big or len(self._body) + len(chunk) > MAX_BODY:
+            self._too_big = True
+            self._body = bytearray()
+            return
         self._body += chunk
-        if len(self._body) > MAX_BODY:
-            raise web.HTTPError(413, reason="Payload Too Large")
 
     @property
     def body(self) -> bytes:
@@ -88,11 +94,15 @@ class JsonHandler(web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
         if isinstance(value, web.HTTPError):
             return  # expected: the client already got a JSON error
-        super().log_exception(typ, value, tb)
+        # Not Tornado's default, which prints the query string (emails, URLs).
+        log.error("uncaught exception in %s %s", self.request.method, self.request.path,
+                  exc_info=(typ, value, tb))
 
     def arguments(self) -> dict[str, list[str]]:
         """Parameters from the query string, a form body or a JSON object
         body, as lists of strings. Bad encodings are a 400, never a 500."""
+        if self._too_big:
+            raise web.HTTPError(413, reason="Payload Too Large")
         merged: dict[str, list[str]] = {}
 
         def add(name: str, values: list[Any]) -> None:
@@ -120,7 +130,7 @@ class JsonHandler(web.RequestHandler):
                     add(name, [v.decode("utf-8") for v in values])
         except UnicodeDecodeError:
             raise web.HTTPError(400, log_message="request is not valid UTF-8") from None
-        except ValueError as exc:
+        except (ValueError, httputil.HTTPInputError) as exc:
             raise web.HTTPError(400, log_message=f"request body is not valid: {exc}") from None
         return merged
 

@@ -44,7 +44,7 @@ async def serve(config: Config, uri: str, workers: int) -> None:
     pool = WorkerPool(config, uri, workers) if workers else None
     app = make_app(config, store, wake=pool.wake if pool else (lambda: None))
     server = HTTPServer(app, idle_connection_timeout=30, body_timeout=30,
-                        max_body_size=MAX_BODY + 1, max_header_size=64 * 1024)
+                        max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
     server.listen(config.port, config.host)
     if pool:
         pool.start()

@@ -27,7 +27,8 @@ class BlockedAddress(Exception):
     """The URL leads to an address that the policy forbids."""
 
     def __init__(self, host: str, address: str):
-        super().__init__(f"{host} resolves to {address}, a private or reserved address "
+        where = host if host == address else f"{host} resolves to {address}, which"
+        super().__init__(f"{where} is a private or reserved address "
                          "that this service does not fetch from")
         self.host = host
         self.address = address
@@ -82,6 +83,7 @@ class AddressPolicy:
     def allows(self, ip: IPAddress) -> bool:
         if self.allow_private:
             return True
+        ip = embedded_ipv4(ip) or ip
         if any(ip.version == net.version and ip in net for net in self.allow_networks):
             return True
         return is_public(ip)
