@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "md5-light needs Python 3.11 or newer")'
+	@# The tests drive the service with curl and make TLS certificates with openssl.
+	@command -v curl >/dev/null && command -v openssl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq curl openssl)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
