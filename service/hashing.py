@@ -16,9 +16,9 @@ import hashlib
 from concurrent.futures import Executor
 from typing import Awaitable
 
-BLOCK = 1024 * 1024
-# Below this a block is hashed inline: a thread hop costs more than it saves.
-INLINE = 256 * 1024
+BLOCK = 256 * 1024
+# Below this the tail is hashed inline: a thread hop costs more than it saves.
+INLINE = 64 * 1024
 
 
 class Md5Sink:
@@ -29,16 +29,19 @@ class Md5Sink:
         self._pending: asyncio.Future | None = None
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
-        self._buffer += chunk
-        if len(self._buffer) < BLOCK:
-            return None
-        block, self._buffer = self._buffer, bytearray()
+        if not self._buffer and len(chunk) >= BLOCK:
+            block: bytes | bytearray = chunk  # big enough as it is: no copy
+        else:
+            self._buffer += chunk
+            if len(self._buffer) < BLOCK:
+                return None
+            block, self._buffer = self._buffer, bytearray()
         if self._pending is None or self._pending.done():
             self._submit(block)
             return None
         return self._submit_after_pending(block)
 
-    def _submit(self, block: bytearray) -> None:
+    def _submit(self, block: bytes | bytearray) -> None:
         if self._pending is not None:
             self._pending.result()  # surface a failed update, never skip it
         if self._executor is None:
@@ -47,7 +50,7 @@ class Md5Sink:
         self._pending = asyncio.get_running_loop().run_in_executor(
             self._executor, self._md5.update, block)
 
-    async def _submit_after_pending(self, block: bytearray) -> None:
+    async def _submit_after_pending(self, block: bytes | bytearray) -> None:
         assert self._pending is not None
         await self._pending
         self._submit(block)

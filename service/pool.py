@@ -42,6 +42,7 @@ class WorkerPool:
         self.mongodb_uri = mongodb_uri
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
+        self._next_wake = -1
         self._supervisor: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -72,13 +73,22 @@ class WorkerPool:
         log.info("worker process %d started (pid %d)", slot.index, slot.process.pid)
 
     def wake(self) -> None:
-        for slot in self.slots:
+        """Wake one worker, round-robin. Waking all of them would have every
+        worker race for the same task, and the losers' queries load the
+        database for nothing; a busy worker claims when a slot frees, and
+        idle ones poll anyway."""
+        for _ in range(len(self.slots)):
+            self._next_wake = (self._next_wake + 1) % len(self.slots)
+            slot = self.slots[self._next_wake]
             if slot.wake_fd is None:
                 continue
             try:
                 os.write(slot.wake_fd, b"!")
-            except (BlockingIOError, BrokenPipeError):
-                pass  # full pipe: already awake; broken: the supervisor restarts it
+                return
+            except BlockingIOError:
+                return  # its pipe is full of wake-ups: it is awake
+            except BrokenPipeError:
+                continue  # dead; the supervisor restarts it
 
     async def _supervise(self) -> None:
         while not self.stopping:
