@@ -5,7 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test clean
+TOOLS   := .tools
+MONGOSH := $(TOOLS)/node_modules/.bin/mongosh
+MONGOSH_VERSION := 2.12.0
+
+.PHONY: setup run test bench shell clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "md5-light needs Python 3.11 or newer")'
@@ -21,8 +25,25 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python run.py $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(MONGOSH)
+	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Mongo shell, from npm (its tests run the README's queries through it).
+$(MONGOSH):
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	npm install --prefix $(TOOLS) --no-audit --no-fund --loglevel=error mongosh@$(MONGOSH_VERSION)
+
+# mongosh on the database the service uses: MONGODB_URI, or the embedded
+# one that `make run` started (its URI is in DATA_DIR/mongodb.uri).
+shell: $(MONGOSH)
+	@uri="$${MONGODB_URI:-$$(cat $${DATA_DIR:-data}/mongodb.uri 2>/dev/null)}"; \
+	if [ -z "$$uri" ]; then echo "no database: start the service (make run) or set MONGODB_URI" >&2; exit 1; fi; \
+	exec $(MONGOSH) "$$uri"
+
+# Benchmarks (not part of `make test`): nginx from Debian serves the files.
+bench: $(STAMP)
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
+	cd bench && ../$(BIN)/python perf.py
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(TOOLS) data .pytest_cache

@@ -6,6 +6,7 @@ Roles:
           MONGODB_URI, the embedded database
   api     only the HTTP API (embedded database too, when MONGODB_URI is unset)
   worker  only a worker process (needs MONGODB_URI)
+  submit  a client: run.py submit URL [--email E] [--wait] (see run.py submit -h)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import sys
 
 from service import config as config_mod
+from service import logs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,16 +31,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:
+        from service import client
+        return client.main(argv[1:])
     args = parse_args(argv)
     config = config_mod.load(args)
-    setup_logging(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     log = logging.getLogger("md5light")
 
     if args.role == "worker":
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the worker role needs MONGODB_URI")
         asyncio.run(worker.main(config))
         return 0
+
+    from service import metrics_dir
+    metrics_path = metrics_dir.prepare() if args.role == "all" else None
 
     from service.api import serve
     from service.embedded_db import EmbeddedDatabase
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if database is not None:
             database.stop()
+        if metrics_path:
+            metrics_dir.remove(metrics_path)
     return 0
 
 

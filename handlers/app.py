@@ -13,7 +13,7 @@ from service.netpolicy import AddressPolicy
 from service.store import TaskStore
 
 from .base import NotFoundHandler
-from .ops import HealthHandler, OpenAPIHandler
+from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
@@ -27,6 +27,7 @@ def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
         (r"/check", CheckHandler),
         (r"/tasks/([^/]+)", TaskHandler),
         (r"/health", HealthHandler),
+        (r"/metrics", MetricsHandler),
         (r"/openapi.yaml", OpenAPIHandler),
     ]
     return web.Application(

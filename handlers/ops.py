@@ -24,6 +24,19 @@ class HealthHandler(JsonHandler):
         self.send(200 if healthy else 503, report)
 
 
+class MetricsHandler(JsonHandler):
+    async def get(self) -> None:
+        from service import metrics
+        store = self.services["store"]
+        try:
+            counts = await self.db(store.counts_by_status)
+        except Exception:  # noqa: BLE001 - process metrics are still worth serving
+            counts = None
+        text, content_type = metrics.render(counts)
+        self.set_header("Content-Type", content_type)
+        self.finish(text)
+
+
 class OpenAPIHandler(JsonHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/yaml; charset=UTF-8")

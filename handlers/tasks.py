@@ -6,6 +6,7 @@ from typing import Any
 
 from tornado import web
 
+from service.metrics import SUBMISSIONS
 from service.store import DONE, FAILED, IdempotencyConflict
 from service.validation import InvalidInput, check_email, check_idempotency_key, check_url
 
@@ -31,6 +32,7 @@ class SubmitHandler(JsonHandler):
         except IdempotencyConflict:
             return self.send(422, {"error": "Idempotency-Key was already used "
                                             "for a different url or email"})
+        SUBMISSIONS.inc()
         self.services["wake"]()
         self.set_header("Location", f"/check?id={task_id}")
         self.send(202, {"id": task_id})

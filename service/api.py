@@ -26,7 +26,8 @@ async def prepare_store(config: Config, uri: str, **client_options) -> TaskStore
     client = connect(uri, **client_options)
     store = TaskStore(client, max_attempts=config.max_attempts,
                       lease_seconds=config.lease_seconds,
-                      idempotency_ttl=config.idempotency_ttl)
+                      idempotency_ttl=config.idempotency_ttl,
+                      task_ttl_days=config.task_ttl_days)
     for attempt in range(30):
         try:
             await store.ensure_indexes()

@@ -120,6 +120,11 @@ class Config:
                                     "how long an Idempotency-Key maps to its task")
     log_level: str = _field("LOG_LEVEL", "INFO", str, "DEBUG, INFO, WARNING or ERROR",
                             "--log-level")
+    log_format: str = _field("LOG_FORMAT", "text", str, "text, or json for one JSON object a line",
+                             "--log-format")
+    task_ttl_days: float | None = _field("TASK_TTL_DAYS", None, float,
+                                         "delete finished tasks after this many days "
+                                         "(unset: keep forever)")
 
     @property
     def embedded(self) -> bool:
@@ -203,6 +208,10 @@ def _check(config: Config) -> None:
     for name in ("workers", "concurrency", "max_attempts", "max_redirects"):
         if getattr(config, name) < (0 if name in ("workers", "max_redirects") else 1):
             problems.append(f"{name} is out of range")
+    if config.log_format not in ("text", "json"):
+        problems.append("LOG_FORMAT must be text or json")
+    if config.task_ttl_days is not None and config.task_ttl_days <= 0:
+        problems.append("TASK_TTL_DAYS must be positive")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
     for item in config.resolve:

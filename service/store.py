@@ -61,7 +61,8 @@ def connect(uri: str, **kwargs: Any) -> AsyncMongoClient:
 
 class TaskStore:
     def __init__(self, client: AsyncMongoClient, max_attempts: int = 3,
-                 lease_seconds: float = 30.0, idempotency_ttl: float = 86400.0):
+                 lease_seconds: float = 30.0, idempotency_ttl: float = 86400.0,
+                 task_ttl_days: float | None = None):
         self.client = client
         self.db = client.get_default_database("md5light")
         self.tasks = self.db["tasks"]
@@ -69,6 +70,7 @@ class TaskStore:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.idempotency_ttl = idempotency_ttl
+        self.task_ttl_days = task_ttl_days
         self._cursor: dt.datetime | None = None
         self._cursor_reset = _EPOCH
         self._candidates: list[dict] = []
@@ -82,6 +84,19 @@ class TaskStore:
         await self.tasks.create_index([("created_at", DESCENDING)], name="history")
         await self.idempotency.create_index("created_at", name="expiry",
                                             expireAfterSeconds=int(self.idempotency_ttl))
+        await self._ensure_retention()
+
+    async def _ensure_retention(self) -> None:
+        """TASK_TTL_DAYS as a TTL index on finished_at: the database deletes
+        finished tasks by itself; unfinished ones (no finished_at) stay."""
+        wanted = None if self.task_ttl_days is None else int(self.task_ttl_days * 86400)
+        existing = (await self.tasks.index_information()).get("retention")
+        if existing is not None and existing.get("expireAfterSeconds") != wanted:
+            await self.tasks.drop_index("retention")
+            existing = None
+        if wanted is not None and existing is None:
+            await self.tasks.create_index("finished_at", name="retention",
+                                          expireAfterSeconds=wanted)
 
     async def ping(self) -> None:
         await self.db.command("ping")

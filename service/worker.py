@@ -21,6 +21,7 @@ from pymongo.errors import PyMongoError
 
 from .config import Config
 from .fetch import Download, FetchError, make_client
+from . import metrics
 from .mailer import Mailer, MailError
 from .store import NOTE_PENDING, TaskStore, connect, utcnow
 
@@ -116,12 +117,21 @@ class Worker:
 
     async def _process(self, task: dict, download: Download) -> None:
         task_id = task["_id"]
+        if task["attempts"] == 1 and task.get("created_at") and task.get("started_at"):
+            metrics.QUEUE_WAIT_SECONDS.observe(
+                (task["started_at"] - task["created_at"]).total_seconds())
+        started = asyncio.get_running_loop().time()
         try:
             try:
                 md5 = await download.run()
             except FetchError as exc:
+                metrics.DOWNLOAD_SECONDS.observe(asyncio.get_running_loop().time() - started)
+                metrics.BYTES_HASHED.inc(download.bytes_done)
                 await self._on_error(task, download, exc)
             else:
+                metrics.DOWNLOAD_SECONDS.observe(asyncio.get_running_loop().time() - started)
+                metrics.BYTES_HASHED.inc(download.bytes_done)
+                metrics.TASKS_FINISHED.labels("done").inc()
                 if await self._persist(lambda: self.store.finish(
                         task, self.name, md5=md5, bytes_done=download.bytes_done,
                         bytes_total=download.bytes_total)):
@@ -153,12 +163,14 @@ class Worker:
             delay = min(delay, MAX_RETRY_DELAY)
             if await self._persist(lambda: self.store.retry_later(task, self.name, delay,
                                                           exc.as_doc())):
+                metrics.TASK_RETRIES.labels(exc.code).inc()
                 log.info("task %s attempt %d failed (%s); retrying in %.1f s", task_id,
                          task["attempts"], exc.message, delay)
             return
         if await self._persist(lambda: self.store.finish(task, self.name, error=exc.as_doc(),
                                                  bytes_done=download.bytes_done,
                                                  bytes_total=download.bytes_total)):
+            metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task_id, exc.message)
             self._after_finish(task)
 
@@ -227,15 +239,18 @@ class Worker:
             await self.mailer.send(task)
         except MailError as exc:
             if exc.permanent or attempts >= self.config.mail_max_attempts:
+                metrics.MAILS.labels("failed").inc()
                 log.warning("task %s: mail to %s failed for good: %s", task["_id"],
                             redact_email(task["email"]), exc)
                 await self.store.notification_failed(task["_id"], str(exc), None)
             else:
+                metrics.MAILS.labels("retry").inc()
                 delay = self.config.mail_retry_base * 2 ** (attempts - 1)
                 log.info("task %s: mail attempt %d failed (%s); retrying in %.0f s",
                          task["_id"], attempts, exc, delay)
                 await self.store.notification_failed(task["_id"], str(exc), delay)
             return
+        metrics.MAILS.labels("sent").inc()
         await self.store.notification_sent(task["_id"])
         log.info("task %s: mail sent to %s", task["_id"], redact_email(task["email"]))
 

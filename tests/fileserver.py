@@ -112,6 +112,19 @@ class FlakyHandler(_Base):
         self.write(body(n, self.seed()))
 
 
+class CountingHandler(_Base):
+    """Serves /bytes/<size> and counts requests per key: proves each task
+    was downloaded exactly once."""
+
+    hits: dict[str, int] = {}
+
+    def get(self, key: str, size: str) -> None:
+        self.hits[key] = self.hits.get(key, 0) + 1
+        n = int(size)
+        self.set_header("Content-Length", str(n))
+        self.finish(body(n, self.seed()))
+
+
 class ShortHandler(_Base):
     """Announces `size` bytes, sends half, then hangs up."""
 
@@ -190,6 +203,7 @@ def make_app() -> web.Application:
         (r"/status/(\d+)", StatusHandler),
         (r"/flaky/([\w-]+)/(\d+)", FlakyHandler),
         (r"/short/(\d+)", ShortHandler),
+        (r"/count/([\w-]+)/(\d+)", CountingHandler),
         (r"/slow/(\d+)", SlowHandler),
         (r"/trickle", TrickleHandler),
         (r"/stall", StallHandler),

@@ -1,0 +1,112 @@
+"""``run.py submit``: a command-line client for people.
+
+    python run.py submit URL [--email E] [--wait] [--server http://127.0.0.1:8000]
+
+Prints the task id; with --wait, shows progress (bytes of total, rate,
+ETA) until it prints the md5 or the failure. Exit status: 0 done (or
+submitted, without --wait), 1 failed, 2 bad input, 3 service unreachable.
+Only the standard library, so it runs anywhere Python does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def progress_line(done: int, total: int | None, rate: float) -> str:
+    if total:
+        width = 30
+        filled = min(width, int(width * done / total)) if total else 0
+        bar = "#" * filled + "-" * (width - filled)
+        eta = f"ETA {max(0, (total - done) / rate):.0f}s" if rate > 0 else "ETA ?"
+        return f"[{bar}] {_size(done)} / {_size(total)}  {_size(rate)}/s  {eta}"
+    return f"{_size(done)}  {_size(rate)}/s"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.py submit",
+                                     description="Submit a URL to md5-light.")
+    parser.add_argument("url")
+    parser.add_argument("--email", help="mail the result here")
+    parser.add_argument("--wait", action="store_true", help="wait and show progress")
+    parser.add_argument("--server", default=os.environ.get(
+        "MD5LIGHT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
+        help="the service (env MD5LIGHT_URL, default http://127.0.0.1:$PORT or :8000)")
+    args = parser.parse_args(argv)
+    server = args.server.rstrip("/")
+    data = {"url": args.url}
+    if args.email:
+        data["email"] = args.email
+    try:
+        code, doc = _call("POST", server + "/submit", data)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach {server}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if code != 202:
+        print(f"refused: {doc.get('error', code)}", file=sys.stderr)
+        return EXIT_BAD_INPUT if 400 <= code < 500 else EXIT_UNREACHABLE
+    task_id = doc["id"]
+    if not args.wait:
+        print(task_id)
+        return EXIT_DONE
+    print(f"task {task_id}", file=sys.stderr)
+    tty = sys.stderr.isatty()
+    last = (time.monotonic(), 0)
+    rate = 0.0
+    while True:
+        try:
+            code, task = _call("GET", f"{server}/tasks/{task_id}")
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+            continue
+        if code == 200 and task["status"] in ("done", "failed"):
+            break
+        if code == 200:
+            now, done = time.monotonic(), task.get("bytes_done") or 0
+            if now > last[0] and done >= last[1]:
+                rate = 0.7 * rate + 0.3 * (done - last[1]) / (now - last[0]) if rate else (
+                    (done - last[1]) / (now - last[0]))
+            last = (now, done)
+            line = progress_line(done, task.get("bytes_total"), rate)
+            print(("\r" + line + "   ") if tty else line, end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+        time.sleep(0.5)
+    if tty:
+        print(file=sys.stderr)
+    if task["status"] == "done":
+        print(f"{task['md5']}  {task['url']}")
+        return EXIT_DONE
+    print(f"failed: {task['error']}", file=sys.stderr)
+    return EXIT_FAILED
