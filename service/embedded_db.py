@@ -63,7 +63,7 @@ class EmbeddedDatabase:
         log_file = open(self.data_dir / "secantusd.log", "ab")
         cmd = [daemon_path(), "--config", str(config), "--host", "127.0.0.1",
                "--port", str(self.port), "--storage-path", str(self.data_dir / "db"),
-               "--sync-on-commit", "--log-level", "WARNING"]
+               "--sync-on-commit", "--standalone", "--log-level", "WARNING"]
         self.process = subprocess.Popen(
             cmd, cwd=self.data_dir, stdout=log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)

@@ -22,6 +22,8 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
+from .batching import InsertBatcher
+
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
 # notification.status values
@@ -71,6 +73,7 @@ class TaskStore:
         self.lease_seconds = lease_seconds
         self.idempotency_ttl = idempotency_ttl
         self.task_ttl_days = task_ttl_days
+        self._inserts = InsertBatcher(self.tasks)
         self._cursor: dt.datetime | None = None
         self._cursor_reset = _EPOCH
         self._candidates: list[dict] = []
@@ -119,7 +122,7 @@ class TaskStore:
                 "attempts": 0, "error": None, "sent_at": None, "next_at": None},
         }
         try:
-            await self.tasks.insert_one(doc)
+            await self._inserts.insert(doc)
         except DuplicateKeyError:
             # Only an idempotent retry reuses an id; its task is already there.
             pass
@@ -157,45 +160,98 @@ class TaskStore:
 
     # -- worker side ----------------------------------------------------
 
-    async def claim(self, worker: str) -> dict | None:
-        """Take one runnable task for ``worker``, or None when there is none.
+    async def claim(self, worker: str, limit: int = 1) -> list[dict]:
+        """Take up to ``limit`` runnable tasks for ``worker``.
 
-        Queued tasks come first, oldest eligible first; then running tasks
-        whose worker stopped renewing its lease. A task whose workers died
-        ``max_attempts`` times is failed rather than tried forever.
+        Queued tasks come first, the oldest window of them first; then
+        running tasks whose worker stopped renewing its lease. A task whose
+        workers died ``max_attempts`` times is failed rather than tried
+        forever. New tasks are taken in one conditional ``update_many``:
+        per task it costs a third of an ``update_one``, and it is one round
+        trip instead of many.
         """
-        for _ in range(50):
+        taken: list[dict] = []
+        for _ in range(20):
+            if len(taken) >= limit:
+                break
             now = utcnow()
-            cand = await self._next_queued(now)
+            cands = await self._queued_candidates(now, limit - len(taken))
+            if not cands:
+                expired = await self._claim_expired(worker, now)
+                if expired is None:
+                    break
+                taken.append(expired)
+                continue
+            fresh = [c for c in cands if c.get("attempts", 0) == 0]
+            retried = [c for c in cands if c.get("attempts", 0) != 0]
+            if fresh:
+                taken += await self._take_fresh(fresh, worker, now)
+            for cand in retried:
+                got = await self._take(cand, worker, now)
+                if got is not None:
+                    taken.append(got)
+        return taken
+
+    async def _claim_expired(self, worker: str, now: dt.datetime) -> dict | None:
+        for _ in range(10):
+            cand = await self.tasks.find_one({"status": RUNNING, "lease_until": {"$lt": now}})
             if cand is None:
-                cand = await self.tasks.find_one(
-                    {"status": RUNNING, "lease_until": {"$lt": now}})
-                if cand is None:
-                    return None
-                if cand.get("attempts", 0) >= self.max_attempts:
-                    await self._fail_abandoned(cand, now)
-                    continue
-            taken = await self._take(cand, worker, now)
-            if taken is not None:
-                return taken
+                return None
+            if cand.get("attempts", 0) >= self.max_attempts:
+                await self._fail_abandoned(cand, now)
+                continue
+            got = await self._take(cand, worker, now)
+            if got is not None:
+                return got
         return None
 
-    async def _next_queued(self, now: dt.datetime) -> dict | None:
-        """The oldest runnable queued task, found by scanning lease_until in
-        small windows from a cursor.
+    async def _take_fresh(self, cands: list[dict], worker: str,
+                          now: dt.datetime) -> list[dict]:
+        token = uuid.uuid4().hex
+        changes = {"status": RUNNING, "worker": worker, "started_at": now, "claim": token,
+                   "lease_until": now + dt.timedelta(seconds=self.lease_seconds)}
+        ids = [c["_id"] for c in cands]
+        result = await self.tasks.update_many(
+            {"_id": {"$in": ids}, "status": QUEUED, "attempts": 0,
+             "lease_until": {"$lte": now}},
+            {"$set": changes, "$inc": {"attempts": 1}},
+            # By _id: left to itself the planner may walk the claim index,
+            # that is, the whole queue.
+            hint=[("_id", ASCENDING)])
+        if result.modified_count == 0:
+            return []
+        if result.modified_count < len(ids):
+            # Some went to another worker: ask which are ours.
+            mine = {d["_id"] for d in await self.tasks.find(
+                {"_id": {"$in": ids}, "claim": token}, {"_id": 1}).to_list(None)}
+            cands = [c for c in cands if c["_id"] in mine]
+        for cand in cands:
+            cand.update(changes)
+            cand["attempts"] = 1
+        return cands
 
-        SecantusDB reads every index match before it sorts or limits, so one
-        query over the whole queue costs time in proportion to its depth
-        (40 ms at 2,000 queued). A window that holds a few tasks costs under
-        a millisecond; empty windows grow fourfold, so even a cursor far
-        behind reaches ``now`` in a few dozen cheap queries. Candidates from
-        one window are kept and tried in order: the claim's compare-and-set
-        makes a stale one harmless.
+    async def _queued_candidates(self, now: dt.datetime, n: int) -> list[dict]:
+        """Up to ``n`` queued tasks that look runnable, oldest window first.
+
+        They are found by scanning lease_until in small windows from a
+        cursor. SecantusDB reads every index match before it sorts or
+        limits, so one query over the whole queue costs time in proportion
+        to its depth (40 ms at 2,000 queued); a window that holds a few
+        tasks costs under a millisecond, and empty windows grow fourfold,
+        so even a cursor far behind reaches ``now`` in a few dozen cheap
+        queries. Candidates are kept between calls: the claim's
+        compare-and-set makes a stale one harmless.
         """
-        while self._candidates:
-            cand = self._candidates.pop(0)
+        if not self._candidates:
+            await self._scan(now)
+        out = []
+        while self._candidates and len(out) < n:
+            cand = self._candidates.pop()
             if cand["lease_until"] <= now:
-                return cand
+                out.append(cand)
+        return out
+
+    async def _scan(self, now: dt.datetime) -> None:
         if self._cursor is None or now - self._cursor_reset > _RESCAN_EVERY:
             # Now and then start from the beginning, for a task that
             # slipped behind the cursor (an API host with a slow clock).
@@ -208,18 +264,20 @@ class TaskStore:
             if found:
                 found.sort(key=lambda d: d["lease_until"])
                 self._cursor = found[0]["lease_until"]
-                # Oldest first, but the rest in this worker's own random
-                # order: workers holding the same list would otherwise
-                # race for the same task at every step.
-                rest = found[1:64]
-                random.shuffle(rest)
-                self._candidates = rest
-                return found[0]
+                # Oldest window first, but within it each worker goes in its
+                # own random order: workers holding the same list would
+                # otherwise race for the same task at every step.
+                found = found[:64]
+                random.shuffle(found)
+                self._candidates = found
+                return
             if high >= now:
-                # Nothing runnable. Keep a margin: a task stamped a moment
-                # ago may be committed a moment from now.
-                self._cursor = max(low, now - _CURSOR_MARGIN)
-                return None
+                # Nothing runnable from the cursor on. A task stamped before
+                # the cursor but committed after the scan that set it (API
+                # requests commit out of order under load) would be behind
+                # it: step back by a margin, so the next scan finds it.
+                self._cursor = min(self._cursor, now - _CURSOR_MARGIN)
+                return
             low, window = high, window * 4
 
     async def _take(self, cand: dict, worker: str, now: dt.datetime) -> dict | None:

@@ -28,6 +28,7 @@ from .store import NOTE_PENDING, TaskStore, connect, utcnow
 log = logging.getLogger("md5light.worker")
 
 MAX_RETRY_DELAY = 300.0
+WORKER_NICENESS = 10
 
 
 class LeaseLost(Exception):
@@ -89,11 +90,15 @@ class Worker:
         while not self.stopping.is_set():
             self.wake.clear()
             try:
-                while len(self.active) < self.config.concurrency and not self.stopping.is_set():
-                    task = await self.store.claim(self.name)
-                    if task is None:
+                while not self.stopping.is_set():
+                    free = self.config.concurrency - len(self.active)
+                    if free <= 0:
                         break
-                    self._start(task)
+                    claimed = await self.store.claim(self.name, free)
+                    for task in claimed:
+                        self._start(task)
+                    if len(claimed) < free:
+                        break
                 failures = 0
             except PyMongoError as exc:
                 failures += 1
@@ -268,6 +273,13 @@ def redact_url(url: str) -> str:
 
 async def main(config: Config) -> None:
     """Entry point of the 'worker' role."""
+    # Hashing may take every core. A lower priority keeps the API (whose
+    # answers must stay quick) and the database ahead of it; the work is
+    # no slower for that when nothing else wants the CPU.
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
     client = connect(config.mongodb_uri)
     store = TaskStore(client, max_attempts=config.max_attempts,
                       lease_seconds=config.lease_seconds)

@@ -1,0 +1,62 @@
+"""Group concurrent inserts into one ``insert_many``.
+
+Under a burst of submits the database, not the API, is the limit, and on
+SecantusDB a batch of 16 inserts costs about what five single ones do. A
+submit waits only for the batch it joined to be written; when no insert is
+in flight a submit is written at once, so a lone request pays no delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+MAX_BATCH = 256
+
+
+class InsertBatcher:
+    def __init__(self, collection):
+        self.collection = collection
+        self._pending: list[tuple[dict, asyncio.Future]] = []
+        self._flushing = False
+
+    async def insert(self, doc: dict) -> None:
+        """Insert ``doc``; DuplicateKeyError if its _id exists."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((doc, future))
+        if not self._flushing:
+            self._flushing = True
+            # A fresh context: the flush serves many submits and must not
+            # inherit the first one's deadline (pymongo.timeout lives in a
+            # context variable).
+            asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                await self._write(batch)
+        finally:
+            self._flushing = False
+
+    async def _write(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        failed: dict[int, BaseException] = {}
+        try:
+            await self.collection.insert_many([doc for doc, _ in batch], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                failed[error["index"]] = (DuplicateKeyError(error.get("errmsg", "duplicate"))
+                                          if error.get("code") == 11000 else exc)
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+            failed = {i: exc for i in range(len(batch))}
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue  # its submit gave up (timeout); nothing to tell
+            if i in failed:
+                future.set_exception(failed[i])
+            else:
+                future.set_result(None)
