@@ -16,7 +16,7 @@ import hashlib
 from concurrent.futures import Executor
 from typing import Awaitable
 
-BLOCK = 256 * 1024
+BLOCK = 4 * 1024 * 1024
 # Below this the tail is hashed inline: a thread hop costs more than it saves.
 INLINE = 64 * 1024
 

@@ -29,6 +29,7 @@ log = logging.getLogger("md5light.worker")
 
 MAX_RETRY_DELAY = 300.0
 WORKER_NICENESS = 10
+CLAIM_BATCH = 4
 
 
 class LeaseLost(Exception):
@@ -94,6 +95,9 @@ class Worker:
                     free = self.config.concurrency - len(self.active)
                     if free <= 0:
                         break
+                    # A few at a time: a burst of big files then spreads over
+                    # the workers instead of all landing on the first awake.
+                    free = min(free, CLAIM_BATCH)
                     claimed = await self.store.claim(self.name, free)
                     for task in claimed:
                         self._start(task)
