@@ -44,14 +44,16 @@ def render(status_counts: dict[str, int] | None) -> tuple[bytes, str]:
         registry = REGISTRY
     text = generate_latest(registry)
     if status_counts is not None:
-        family = GaugeMetricFamily("md5light_tasks", "Tasks in the database, by status",
+        family = GaugeMetricFamily("md5light_tasks", "Unfinished tasks, by status",
                                    labels=["status"])
-        for status, count in sorted(status_counts.items()):
-            family.add_metric([status], count)
+        for status in ("queued", "running"):
+            family.add_metric([status], status_counts.get(status, 0))
         depth = GaugeMetricFamily("md5light_queue_depth", "Tasks waiting to run")
         depth.add_metric([], status_counts.get("queued", 0))
+        total = GaugeMetricFamily("md5light_tasks_stored", "Tasks in the database, all states")
+        total.add_metric([], status_counts.get("total", 0))
         extra = CollectorRegistry()
-        extra.register(_Static([family, depth]))
+        extra.register(_Static([family, depth, total]))
         text += generate_latest(extra)
     return text, CONTENT_TYPE_LATEST
 

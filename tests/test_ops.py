@@ -97,8 +97,9 @@ def test_metrics_move_when_tasks_run(make_service, files):
     assert _metric(after, "md5light_submissions_total") == 7
     assert _metric(after, "md5light_download_seconds_count") == 7
     assert _metric(after, "md5light_queue_wait_seconds_count") == 7
-    assert _metric(after, 'md5light_tasks{status="done"}') == 6
+    assert _metric(after, 'md5light_tasks{status="running"}') == 0
     assert _metric(after, "md5light_queue_depth") == 0
+    assert _metric(after, "md5light_tasks_stored") == 7
 
 
 def test_json_logs_carry_task_id(make_service, files):
