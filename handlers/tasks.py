@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tornado import web
 
 from service.metrics import SUBMISSIONS
 from service.store import DONE, FAILED, IdempotencyConflict

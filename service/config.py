@@ -221,10 +221,6 @@ def _check(config: Config) -> None:
         raise SystemExit("configuration error: " + "; ".join(problems))
 
 
-def replace(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, **changes)
-
-
 def to_environ(config: Config) -> dict[str, str]:
     """The environment that makes a child process load this same config."""
     env = {}
@@ -241,4 +237,4 @@ def to_environ(config: Config) -> dict[str, str]:
 
 
 __all__: Sequence[str] = ["Config", "load", "add_arguments", "env_help", "to_environ",
-                          "parse_size", "parse_seconds", "human_size", "replace"]
+                          "parse_size", "parse_seconds", "human_size"]

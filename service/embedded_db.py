@@ -9,7 +9,6 @@ tools find the running instance.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -101,9 +100,3 @@ class EmbeddedDatabase:
         except FileNotFoundError:
             pass
         log.info("embedded database stopped")
-
-    def kill(self) -> None:
-        """For tests of database outages."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()

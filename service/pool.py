@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, to_environ
@@ -33,7 +33,6 @@ class _Slot:
     started: float = 0.0
     quick_deaths: int = 0
     restart_at: float = 0.0
-    pids: list[int] = field(default_factory=list)
 
 
 class WorkerPool:
@@ -49,9 +48,6 @@ class WorkerPool:
         for slot in self.slots:
             self._spawn(slot)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process and s.process.poll() is None]
 
     def _spawn(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe()

@@ -23,7 +23,7 @@ from .config import Config
 from .fetch import Download, FetchError, make_client
 from . import metrics
 from .mailer import Mailer, MailError
-from .store import NOTE_PENDING, TaskStore, connect, utcnow
+from .store import NOTE_PENDING, TaskStore, connect
 
 log = logging.getLogger("md5light.worker")
 

@@ -13,7 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import requests
 import yaml
 from pymongo import MongoClient

@@ -8,7 +8,6 @@ import signal
 import time
 import uuid
 
-import pytest
 import requests
 
 from fileserver import RawUntilCloseServer, md5_of
