@@ -13,12 +13,15 @@ class HealthHandler(JsonHandler):
     async def get(self) -> None:
         store = self.services["store"]
         report: dict = {"database": "ok", "workers": 0}
+        stuck: list[str] = []
         try:
             await self.db(store.ping)
-            report["workers"] = await self.db(lambda: store.live_workers(within=10))
+            report["workers"], stuck = await self.db(lambda: store.live_workers(within=10))
         except Exception:  # noqa: BLE001 - any failure here means unhealthy
             report["database"] = "unreachable"
-        healthy = report["database"] == "ok" and (
+        if stuck:
+            report["stuck_workers"] = stuck
+        healthy = report["database"] == "ok" and not stuck and (
             report["workers"] > 0 or not self.services["expect_workers"])
         report["status"] = "ok" if healthy else "unhealthy"
         self.send(200 if healthy else 503, report)

@@ -6,16 +6,17 @@ is decompressed. Error pages are never hashed.
 
 Tornado's fetch has no cancel API and its ``request_timeout`` bounds the
 whole download, which is wrong for big files. So each download watches its
-own progress and aborts by closing its connection; a TCPClient subclass
-hands the connection's stream to the download it belongs to (through a
-context variable that Tornado's connection task inherits). The abort
-reason is kept here, because a read-until-close body that is cut off
-looks, to Tornado, like a complete one.
+own progress and aborts by closing its connection (the stream reaches it
+through ``httpclient_hooks``). The abort reason is kept here, because a
+read-until-close body that is cut off looks, to Tornado, like a complete
+one. An aborted fetch that Tornado still does not resolve is given up
+after ``ABORT_GRACE`` seconds: every download ends, whatever the server
+or the HTTP client does.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import email.utils
 import errno
 import socket
@@ -29,19 +30,21 @@ from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.simple_httpclient import (HTTPStreamClosedError, HTTPTimeoutError,
-                                       SimpleAsyncHTTPClient, _HTTPConnection)
-from tornado.tcpclient import TCPClient
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
+from . import httpclient_hooks as hooks
 from .config import Config, human_size
 from .hashing import Md5Sink
-from .netpolicy import AddressPolicy, BlockedAddress, FilteringResolver, parse_overrides
+from .netpolicy import (AddressPolicy, BlockedAddress, FilteringResolver, InvalidHostName,
+                        UnresolvableHost, parse_overrides)
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
-
-_current: contextvars.ContextVar["Download | None"] = contextvars.ContextVar(
-    "md5light_download", default=None)
+# The redirects Tornado follows; any other 3xx is an answer, not a hop.
+_FOLLOWED = {301, 302, 303, 307, 308}
+MAX_HEADER_SIZE = 64 * 1024
+# How long an aborted fetch may take to wind down before it is given up.
+ABORT_GRACE = 2.0
 
 
 @dataclass
@@ -58,35 +61,6 @@ class FetchError(Exception):
         return {"code": self.code, "message": self.message}
 
 
-# Tornado reads bodies 64 KiB at a time; at gigabytes a second the Python
-# work per read, not the copying, limits throughput. Larger reads cut it
-# eightfold (profiled: see bench/perf.py and the README).
-READ_CHUNK = 512 * 1024
-SOCKET_READ = 256 * 1024
-
-
-class _LargeReadConnection(_HTTPConnection):
-    def _create_connection(self, stream: IOStream):
-        connection = super()._create_connection(stream)
-        connection.params.chunk_size = READ_CHUNK
-        return connection
-
-
-class _Client(SimpleAsyncHTTPClient):
-    def _connection_class(self) -> type:
-        return _LargeReadConnection
-
-
-class _TrackingTCPClient(TCPClient):
-    async def connect(self, *args, **kwargs) -> IOStream:  # type: ignore[override]
-        stream = await super().connect(*args, **kwargs)
-        stream.read_chunk_size = SOCKET_READ
-        download = _current.get()
-        if download is not None:
-            download.attach(stream)
-        return stream
-
-
 def make_client(config: Config) -> AsyncHTTPClient:
     """One client per worker process, sized to its concurrency so that no
     request waits in Tornado's queue (where it would time out)."""
@@ -96,11 +70,7 @@ def make_client(config: Config) -> AsyncHTTPClient:
     # max_body_size is left unbounded: the Download enforces MAX_FILE_SIZE
     # itself, so that hitting it reads as "too large" and not as a dropped
     # connection, whatever the framing (length, chunked, until close).
-    client = _Client(force_instance=True, max_clients=config.concurrency,
-                             resolver=resolver, max_body_size=2**62,
-                             max_header_size=64 * 1024)
-    client.tcp_client = _TrackingTCPClient(resolver=resolver)
-    return client
+    return hooks.make_client(resolver, config.concurrency, MAX_HEADER_SIZE)
 
 
 def _host(url: str) -> str:
@@ -135,13 +105,16 @@ class Download:
         self.bytes_done = 0
         self.bytes_total: int | None = None
         self.error: FetchError | None = None
+        # When bytes last arrived (or the download began): /health calls a
+        # worker stuck when a download shows no progress for long.
+        self.last_progress = time.monotonic()
         self._stream: IOStream | None = None
         self._status: int | None = None
         self._reason = ""
         self._headers = httputil.HTTPHeaders()
         self._hashing = False
         self._mark = (time.monotonic(), 0)
-        self._last_data = time.monotonic()
+        self._gave_up: asyncio.Future | None = None
 
     # -- control ----------------------------------------------------------
 
@@ -155,15 +128,25 @@ class Download:
             self.error = error
         if self._stream is not None:
             self._stream.close()
+        # Closing the stream normally ends the fetch at once; should the
+        # HTTP client still not resolve it, stop waiting for it.
+        if self._gave_up is not None and not self._gave_up.done():
+            asyncio.get_running_loop().call_later(ABORT_GRACE, self._give_up)
+
+    def _give_up(self) -> None:
+        if self._gave_up is not None and not self._gave_up.done():
+            self._gave_up.set_result(None)
 
     def _watch(self) -> None:
         now = time.monotonic()
         since, at_bytes = self._mark
+        if self.error is not None:
+            return
         if self.bytes_done - at_bytes >= self.config.min_speed:
             self._mark = (now, self.bytes_done)
         elif now - since >= self.config.idle_timeout:
             seconds = f"{self.config.idle_timeout:g} s"
-            if now - self._last_data >= self.config.idle_timeout:
+            if now - self.last_progress >= self.config.idle_timeout:
                 message = f"no data from {_host(self.url)} for {seconds}"
             else:
                 message = (f"download from {_host(self.url)} stalled: "
@@ -173,47 +156,51 @@ class Download:
     # -- Tornado callbacks -----------------------------------------------
 
     def _on_header(self, line: str) -> None:
-        if self._status is None or line.startswith("HTTP/"):
-            if line.startswith("HTTP/"):
-                start = httputil.parse_response_start_line(line.strip())
-                self._status, self._reason = start.code, start.reason
-                self._headers = httputil.HTTPHeaders()
+        if line.startswith("HTTP/"):
+            start = httputil.parse_response_start_line(line.strip())
+            self._status, self._reason = start.code, start.reason[:100]
+            self._headers = httputil.HTTPHeaders()
+            return
+        if self._status is None:
             return
         if line != "\r\n":
             self._headers.parse_line(line)
+            return
+        if 100 <= self._status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real
+            # one follows on the same connection, as curl expects.
+            self._status = None
             return
         self._on_headers_done()
 
     def _on_headers_done(self) -> None:
         status, host = self._status or 0, _host(self.url)
-        if 300 <= status < 400 and "Location" in self._headers:
+        if status in _FOLLOWED and "Location" in self._headers:
             self.abort(FetchError(
                 "redirects", f"more than {self.config.max_redirects} redirects", False))
             return
         if not 200 <= status < 300:
             transient = status in _TRANSIENT_STATUS
-            self.abort(FetchError(
-                "http_status", f"HTTP {status} {self._reason} from {host}".replace("  ", " "),
-                transient, _retry_after(self._headers.get("Retry-After"))))
+            message = f"HTTP {status} {self._reason} from {host}".replace("  ", " ")
+            if 300 <= status < 400:
+                message += " (not a redirect this service follows)"
+            self.abort(FetchError("http_status", message, transient,
+                                  _retry_after(self._headers.get("Retry-After"))))
             return
         length = self._headers.get("Content-Length")
-        if length is not None:
-            try:
-                self.bytes_total = int(length.split(",")[0])
-            except ValueError:
-                self.abort(FetchError("bad_response",
-                                      f"{host} sent an invalid Content-Length", False))
-                return
-            if self.bytes_total > self.config.max_file_size:
+        if length is not None and length.strip().isdigit():
+            total = int(length.strip())
+            if total > self.config.max_file_size:
                 self.abort(self._too_large())
                 return
+            self.bytes_total = total
         self._hashing = True
 
     def _on_chunk(self, chunk: bytes):
         if not self._hashing or self.error is not None:
             return None
         self.bytes_done += len(chunk)
-        self._last_data = time.monotonic()
+        self.last_progress = time.monotonic()
         if self.bytes_done > self.config.max_file_size:
             self.abort(self._too_large())
             return None
@@ -236,19 +223,27 @@ class Download:
             connect_timeout=self.config.connect_timeout,
             request_timeout=0,  # the watchdog bounds idleness instead
             header_callback=self._on_header, streaming_callback=self._on_chunk)
+        self._gave_up = asyncio.get_running_loop().create_future()
         watchdog = PeriodicCallback(self._watch, 1000)
         watchdog.start()
-        token = _current.set(self)
+        token = hooks.TrackingTCPClient.current.set(self)
         try:
-            response = await self.client.fetch(request, raise_error=False)
-        except Exception as exc:  # noqa: BLE001 - classify, don't crash the worker
-            response = None
-            fetch_exc: BaseException | None = exc
-        else:
-            fetch_exc = response.error
+            fetch = asyncio.ensure_future(self.client.fetch(request, raise_error=False))
         finally:
-            _current.reset(token)
+            hooks.TrackingTCPClient.current.reset(token)
+        try:
+            await asyncio.wait([fetch, self._gave_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
             watchdog.stop()
+        response, fetch_exc = None, None
+        if fetch.done():
+            try:
+                response = fetch.result()
+                fetch_exc = response.error
+            except Exception as exc:  # noqa: BLE001 - classify, don't crash the worker
+                fetch_exc = exc
+        else:
+            fetch.add_done_callback(_ignore_outcome)
         if self.error is not None:
             await self.sink.discard()
             raise self.error
@@ -266,6 +261,10 @@ class Download:
         host = _host(response.effective_url if response and response.effective_url else self.url)
         if isinstance(exc, BlockedAddress):
             return FetchError("blocked", str(exc), False)
+        if isinstance(exc, UnresolvableHost):
+            return FetchError("dns", f"could not resolve host {exc.host}", exc.transient)
+        if isinstance(exc, InvalidHostName):
+            return FetchError("dns", str(exc), False)
         if isinstance(exc, socket.gaierror):
             transient = exc.errno in (socket.EAI_AGAIN,)
             return FetchError("dns", f"could not resolve host {host}", transient)
@@ -282,16 +281,26 @@ class Download:
         if isinstance(exc, (HTTPStreamClosedError, StreamClosedError, ConnectionResetError)):
             got = f" after {self.bytes_done} bytes" if self.bytes_done else ""
             return FetchError("connection", f"connection to {host} closed{got}", True)
+        if isinstance(exc, (hooks.MalformedResponse, hooks.HeadersTooLarge)):
+            return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
+                              False)
         if isinstance(exc, httputil.HTTPInputError):
-            if "too long" in str(exc) or "too large" in str(exc):
-                return self._too_large()
             return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
                               False)
         if isinstance(exc, ValueError) and "scheme" in str(exc):
             return FetchError("redirects", f"redirect to an unsupported URL scheme from {host}",
                               False)
+        if isinstance(exc, UnicodeError):
+            return FetchError("redirects", f"{host} redirected to a host name that is not "
+                              "valid", False)
         if isinstance(exc, OSError):
             transient = exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH)
             return FetchError("connection", f"could not connect to {host}: "
                               f"{exc.strerror or exc}", transient)
         return FetchError("unknown", f"download from {host} failed: {exc}", True)
+
+
+def _ignore_outcome(future: asyncio.Future) -> None:
+    """A given-up fetch may still end later; nobody is waiting for it then."""
+    if not future.cancelled():
+        future.exception()

@@ -34,6 +34,23 @@ class BlockedAddress(Exception):
         self.address = address
 
 
+class UnresolvableHost(Exception):
+    """DNS has no address for a host (of the URL or of a redirect)."""
+
+    def __init__(self, host: str, transient: bool):
+        super().__init__(f"could not resolve host {host}")
+        self.host = host
+        self.transient = transient
+
+
+class InvalidHostName(Exception):
+    """A host name that cannot even be looked up (an IDNA encoding error)."""
+
+    def __init__(self, host: str):
+        super().__init__(f"{host[:100]!r} is not a valid host name")
+        self.host = host
+
+
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address stands for, if any (mapped, NAT64, 6to4)."""
     if not isinstance(ip, ipaddress.IPv6Address):
@@ -103,8 +120,16 @@ class FilteringResolver(Resolver):
         self.resolver.close()
 
     async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC):
+        host = readable_host(host)
         target = self.overrides.get(host.lower(), host)
-        answers = await self.resolver.resolve(target, port, family)
+        try:
+            target = target.encode("idna").decode("ascii")
+            answers = await self.resolver.resolve(target, port, family)
+        except UnicodeError:
+            raise InvalidHostName(host) from None
+        except socket.gaierror as exc:
+            # Raised here, the host is named: a redirect's host, too.
+            raise UnresolvableHost(host, exc.errno == socket.EAI_AGAIN) from None
         allowed = []
         first_blocked = None
         for fam, addr in answers:
@@ -116,6 +141,17 @@ class FilteringResolver(Resolver):
         if not allowed:
             raise BlockedAddress(host, first_blocked or "nothing")
         return allowed
+
+
+def readable_host(host: str) -> str:
+    """The host as its sender meant it. Tornado reads a Location header as
+    Latin-1, so an internationalized name in UTF-8 arrives garbled."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return host
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:

@@ -387,11 +387,16 @@ class TaskStore:
 
     # -- worker liveness ------------------------------------------------
 
-    async def heartbeat(self, worker: str, active: int) -> None:
+    async def heartbeat(self, worker: str, active: int, stuck: int = 0) -> None:
         await self.db["workers"].update_one(
-            {"_id": worker}, {"$set": {"heartbeat_at": utcnow(), "active": active}},
+            {"_id": worker},
+            {"$set": {"heartbeat_at": utcnow(), "active": active, "stuck": stuck}},
             upsert=True)
 
-    async def live_workers(self, within: float) -> int:
+    async def live_workers(self, within: float) -> tuple[int, list[str]]:
+        """How many workers sent a heartbeat lately, and the names of those
+        among them that report downloads making no progress."""
         since = utcnow() - dt.timedelta(seconds=within)
-        return await self.db["workers"].count_documents({"heartbeat_at": {"$gte": since}})
+        live = await self.db["workers"].find(
+            {"heartbeat_at": {"$gte": since}}, {"stuck": 1}).to_list(None)
+        return len(live), sorted(w["_id"] for w in live if w.get("stuck"))

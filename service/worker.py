@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
@@ -28,6 +29,7 @@ from .store import NOTE_PENDING, TaskStore, connect
 log = logging.getLogger("md5light.worker")
 
 MAX_RETRY_DELAY = 300.0
+loop_time = time.monotonic  # the clock Download.last_progress is read on
 WORKER_NICENESS = 10
 CLAIM_BATCH = 4
 
@@ -218,9 +220,16 @@ class Worker:
                 if not held:
                     download.abort(FetchError("lease_lost", "lease lost", False))
             try:
-                await self.store.heartbeat(self.name, len(self.active))
+                await self.store.heartbeat(self.name, len(self.active), self._stuck())
             except PyMongoError:
                 pass
+
+    def _stuck(self) -> int:
+        """Downloads with no progress for twice IDLE_TIMEOUT. The watchdog
+        ends a download idle for IDLE_TIMEOUT, so any such one means a
+        fault in this worker, which /health then reports."""
+        limit = loop_time() - 2 * self.config.idle_timeout
+        return sum(1 for _, download in self.active.values() if download.last_progress < limit)
 
     # -- mail ---------------------------------------------------------------
 

@@ -271,3 +271,38 @@ class RawUntilCloseServer:
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/file.bin"
+
+
+class RawResponseServer:
+    """Answers every connection with the same bytes, verbatim: for responses
+    no well-behaved server library would send (bad framing, chunk
+    extensions, interim 1xx answers, HTTP/0.9)."""
+
+    def __init__(self, response: bytes):
+        self.response = response
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.hits += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.response)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(1)  # until the client hangs up
+            except OSError:
+                pass
+
+    def url(self, path: str = "/file.bin") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
