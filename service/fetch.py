@@ -36,6 +36,7 @@ from tornado.tcpclient import TCPClient
 from .config import Config, human_size
 from .hashing import Md5Sink
 from .netpolicy import AddressPolicy, BlockedAddress, FilteringResolver, parse_overrides
+from .redact import scrub_urls
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -285,8 +286,8 @@ class Download:
         if isinstance(exc, httputil.HTTPInputError):
             if "too long" in str(exc) or "too large" in str(exc):
                 return self._too_large()
-            return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
-                              False)
+            return FetchError("bad_response", f"{host} sent a malformed HTTP response: "
+                              f"{scrub_urls(str(exc))}", False)
         if isinstance(exc, ValueError) and "scheme" in str(exc):
             return FetchError("redirects", f"redirect to an unsupported URL scheme from {host}",
                               False)
@@ -294,4 +295,5 @@ class Download:
             transient = exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH)
             return FetchError("connection", f"could not connect to {host}: "
                               f"{exc.strerror or exc}", transient)
-        return FetchError("unknown", f"download from {host} failed: {exc}", True)
+        return FetchError("unknown", f"download from {host} failed: {scrub_urls(str(exc))}",
+                          True)
