@@ -37,6 +37,7 @@ from .config import Config, human_size
 from .hashing import Md5Sink
 from .netpolicy import (AddressPolicy, BlockedAddress, FilteringResolver, InvalidHostName,
                         UnresolvableHost, parse_overrides)
+from .redact import scrub_urls
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -285,8 +286,8 @@ class Download:
             return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
                               False)
         if isinstance(exc, httputil.HTTPInputError):
-            return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
-                              False)
+            return FetchError("bad_response", f"{host} sent a malformed HTTP response: "
+                              f"{scrub_urls(str(exc))}", False)
         if isinstance(exc, ValueError) and "scheme" in str(exc):
             return FetchError("redirects", f"redirect to an unsupported URL scheme from {host}",
                               False)
@@ -297,7 +298,8 @@ class Download:
             transient = exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH)
             return FetchError("connection", f"could not connect to {host}: "
                               f"{exc.strerror or exc}", transient)
-        return FetchError("unknown", f"download from {host} failed: {exc}", True)
+        return FetchError("unknown", f"download from {host} failed: {scrub_urls(str(exc))}",
+                          True)
 
 
 def _ignore_outcome(future: asyncio.Future) -> None:

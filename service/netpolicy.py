@@ -16,11 +16,37 @@ from tornado.netutil import DefaultLoopResolver, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_EXTRA_BLOCKED = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15", "224.0.0.0/4",
-    "240.0.0.0/4", "255.255.255.255/32", "fc00::/7", "fe80::/10", "ff00::/8", "::/128",
-    "::1/128")]
-_NAT64 = [ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48")]
+
+def _networks(*cidrs: str) -> tuple:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+# Default deny. IPv4 must be global in ipaddress's copy of the IANA
+# special-purpose registry, and also outside these ranges, which it counts
+# as global but no web server lives in: "this network", CGNAT, IETF
+# protocol assignments, the deprecated 6to4 relay anycast, benchmarking,
+# multicast, reserved and broadcast.
+_BLOCKED_V4 = _networks(
+    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15",
+    "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32")
+# IPv6 must be in the global unicast space IANA allocates from (2000::/3),
+# which leaves out ::/8 (unspecified, loopback, IPv4-compatible ::/96,
+# IPv4-mapped, SIIT ::ffff:0:0:0/96, local-use NAT64 64:ff9b:1::/48, ::2),
+# 100::/64 discard, 5f00::/16 SRv6, fc00::/7, fe80::/10, fec0::/10 and
+# ff00::/8. Within 2000::/3 these are not web servers either: the IETF
+# protocol block (Teredo 2001::/32, which tunnels to an IPv4 address,
+# ORCHIDs, benchmarking, anycast services), both documentation ranges, and
+# 6to4 2002::/16 (deprecated by RFC 7526; it reaches the IPv4 address it
+# embeds through whichever relay answers, and a name with a 6to4 address
+# still has its IPv4 one).
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+_BLOCKED_V6 = _networks("2001::/23", "2001:db8::/32", "2002::/16", "3fff::/20")
+# The one IPv6 form outside 2000::/3 that reaches the internet: the
+# well-known NAT64 prefix, whose translator connects to the IPv4 address
+# in its last 32 bits (RFC 6052).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_COMPAT = ipaddress.ip_network("::/96")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
 
 
 class BlockedAddress(Exception):
@@ -51,28 +77,54 @@ class InvalidHostName(Exception):
         self.host = host
 
 
-def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address stands for, if any (mapped, NAT64, 6to4)."""
+def _low32(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+
+
+def translated_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 host a connection to this IPv6 address ends at: IPv4-mapped
+    (the kernel connects over IPv4) and well-known NAT64 (the translator
+    does)."""
     if not isinstance(ip, ipaddress.IPv6Address):
         return None
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if any(ip in net for net in _NAT64):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
+    if ip in _NAT64:
+        return _low32(ip)
     return None
 
 
+def embedded_ipv4s(ip: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """Every IPv4 address an IPv6 address carries: mapped, NAT64, compatible,
+    SIIT, 6to4, and both of Teredo's (server and client)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ()
+    translated = translated_ipv4(ip)
+    if translated is not None:
+        return (translated,)
+    if ip in _COMPAT or ip in _SIIT:
+        return (_low32(ip),)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo
+    return ()
+
+
 def is_public(ip: IPAddress) -> bool:
-    inner = embedded_ipv4(ip)
-    if inner is not None:
-        return is_public(inner)
-    if any(ip in net for net in _EXTRA_BLOCKED if net.version == ip.version):
+    """Globally routable unicast, and so is every IPv4 address inside it."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip.is_global and not ip.is_multicast and not _within(ip, _BLOCKED_V4)
+    translated = translated_ipv4(ip)
+    if translated is not None:
+        return is_public(translated)
+    if ip not in _GLOBAL_UNICAST_V6 or _within(ip, _BLOCKED_V6) or not ip.is_global:
         return False
-    return ip.is_global and not ip.is_multicast
+    return all(is_public(inner) for inner in embedded_ipv4s(ip))
+
+
+def _within(ip: IPAddress, networks: Iterable) -> bool:
+    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def parse_ip_literal(host: str) -> IPAddress | None:
@@ -100,8 +152,13 @@ class AddressPolicy:
     def allows(self, ip: IPAddress) -> bool:
         if self.allow_private:
             return True
-        ip = embedded_ipv4(ip) or ip
-        if any(ip.version == net.version and ip in net for net in self.allow_networks):
+        # An allowed IPv4 network is allowed in the IPv6 spellings that
+        # connect to it (mapped, NAT64); tunnel forms (6to4, Teredo, SIIT,
+        # compatible) are not, as the host they reach is not the one named.
+        if _within(ip, self.allow_networks):
+            return True
+        translated = translated_ipv4(ip)
+        if translated is not None and _within(translated, self.allow_networks):
             return True
         return is_public(ip)
 

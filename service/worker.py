@@ -24,6 +24,7 @@ from .config import Config
 from .fetch import Download, FetchError, make_client
 from . import metrics
 from .mailer import Mailer, MailError
+from .redact import safe_url
 from .store import NOTE_PENDING, TaskStore, connect
 
 log = logging.getLogger("md5light.worker")
@@ -124,7 +125,7 @@ class Worker:
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
         log.info("task %s started attempt %d: %s", task["_id"], task["attempts"],
-                 redact_url(task["url"]))
+                 safe_url(task["url"]))
 
     async def _process(self, task: dict, download: Download) -> None:
         task_id = task["_id"]
@@ -278,10 +279,6 @@ def redact_email(address: str | None) -> str:
         return "-"
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}"
-
-
-def redact_url(url: str) -> str:
-    return url if len(url) <= 200 else url[:197] + "..."
 
 
 async def main(config: Config) -> None:
