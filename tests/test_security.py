@@ -234,5 +234,6 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(closed, tmp_path):
                 "response_headers_conformance",
                 "--max-examples", "40", "--phases", "examples,coverage,fuzzing",
                 "--request-timeout", "10", "--seed", "1", "--no-color"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # cwd: schemathesis keeps a cache of crashes in ./.schemathesis
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
