@@ -13,6 +13,8 @@ from tornado import httputil, web
 
 log = logging.getLogger("md5light.api")
 
+_UNIMPLEMENTED = web.RequestHandler.get
+
 MAX_BODY = 64 * 1024
 DRAIN_CAP = 1024 * 1024
 DB_TIMEOUT = 3.0
@@ -85,11 +87,26 @@ class JsonHandler(web.RequestHandler):
         }
         message = messages.get(status_code, self._reason.lower())
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message and status_code == 400:
+        if isinstance(exc, web.HTTPError) and exc.log_message and status_code in (400, 415):
             message = exc.log_message % exc.args if exc.args else exc.log_message
         if status_code == 503:
             self.set_header("Retry-After", "5")
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.finish(dumps({"error": message}))
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler implements, for 405's Allow header."""
+        cls = type(self)
+        allowed = [m for m in self.SUPPORTED_METHODS
+                   if getattr(cls, m.lower(), _UNIMPLEMENTED) is not _UNIMPLEMENTED]
+        return [m for m in allowed if m != "HEAD" or cls.get is not _UNIMPLEMENTED]
+
+    def head(self, *args: Any, **kwargs: Any) -> Any:
+        # HEAD is GET without the body (Tornado drops it), wherever GET exists.
+        if type(self).get is _UNIMPLEMENTED:
+            raise web.HTTPError(405)
+        return self.get(*args, **kwargs)
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
         if isinstance(value, web.HTTPError):
@@ -113,13 +130,10 @@ class JsonHandler(web.RequestHandler):
                 add(name, [v.decode("utf-8") for v in values])
             body = self.body
             ctype = self.request.headers.get("Content-Type", "")
+            if body:
+                self._check_content_encoding()
             if body and ctype.split(";")[0].strip().lower() == "application/json":
-                doc = json.loads(body.decode("utf-8"))
-                if not isinstance(doc, dict):
-                    raise ValueError("JSON body must be an object")
-                for name, value in doc.items():
-                    if value is not None and not isinstance(value, str):
-                        raise ValueError(f"{name} must be a string")
+                for name, value in _json_members(body).items():
                     add(name, [value] if value is not None else [])
             elif body:
                 fields: dict[str, list[bytes]] = {}
@@ -132,7 +146,28 @@ class JsonHandler(web.RequestHandler):
             raise web.HTTPError(400, log_message="request is not valid UTF-8") from None
         except (ValueError, httputil.HTTPInputError) as exc:
             raise web.HTTPError(400, log_message=f"request body is not valid: {exc}") from None
+        for name, values in merged.items():
+            for value in [name, *values]:
+                _check_encodable(name, value)
         return merged
+
+    def _check_content_encoding(self) -> None:
+        # Decompressing would turn a 1 MiB upload into gigabytes of work;
+        # nothing we accept is big enough to need compression.
+        coding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
+        if coding != "identity":
+            self.set_header("Accept-Encoding", "identity")
+            raise web.HTTPError(415, reason="Unsupported Media Type",
+                                log_message=f"Content-Encoding {coding[:40]} is not supported; "
+                                            "send the body uncompressed")
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        # Tornado's own message quotes the raw bytes; say what to fix instead.
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise web.HTTPError(400, log_message="the request path is not valid UTF-8 "
+                                                 "after percent-decoding") from None
 
     def one(self, args: dict[str, list[str]], name: str) -> str | None:
         values = args.get(name) or []
@@ -155,3 +190,39 @@ class NotFoundHandler(JsonHandler):
     def prepare(self) -> None:
         super().prepare()
         raise web.HTTPError(404)
+
+
+class _Pairs(list):
+    """A JSON object as its (name, value) pairs, repeats kept."""
+
+
+def _json_members(body: bytes) -> dict[str, str | None]:
+    """The members of a JSON object body. A repeated name is refused:
+    json.loads alone would keep the last and hide a second url."""
+    try:
+        pairs = json.loads(body.decode("utf-8"), object_pairs_hook=_Pairs)
+    except RecursionError:
+        # [[[[... tens of thousands deep: the C parser stops at the
+        # interpreter's recursion limit; it is the client's error.
+        raise ValueError("JSON is nested too deeply") from None
+    if not isinstance(pairs, _Pairs):
+        raise ValueError("JSON body must be an object")
+    members: dict[str, str | None] = {}
+    for name, value in pairs:
+        if name in members:
+            raise web.HTTPError(400, log_message=f"{name} given more than once")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string")
+        members[name] = value
+    return members
+
+
+def _check_encodable(name: str, value: str) -> None:
+    """A lone surrogate (JSON's \\ud800) decodes to a str that cannot be
+    stored; refuse it here, before it reaches a batched insert."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "backslashreplace").decode("ascii")
+        raise web.HTTPError(400, log_message=f"{shown} is not valid Unicode: it contains a "
+                                             "lone surrogate such as \\ud800") from None

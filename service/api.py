@@ -8,12 +8,12 @@ import logging
 import signal
 
 from pymongo.errors import PyMongoError
-from tornado.httpserver import HTTPServer
 
 from handlers.app import make_app
 from handlers.base import MAX_BODY
 
 from .config import Config
+from .framing import JsonErrorHTTPServer
 from .pool import WorkerPool
 from .store import TaskStore, connect
 
@@ -44,8 +44,8 @@ async def serve(config: Config, uri: str, workers: int) -> None:
     store = await prepare_store(config, uri, serverSelectionTimeoutMS=2000)
     pool = WorkerPool(config, uri, workers) if workers else None
     app = make_app(config, store, wake=pool.wake if pool else (lambda: None))
-    server = HTTPServer(app, idle_connection_timeout=30, body_timeout=30,
-                        max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
+    server = JsonErrorHTTPServer(app, idle_connection_timeout=30, body_timeout=30,
+                                 max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
     server.listen(config.port, config.host)
     if pool:
         pool.start()

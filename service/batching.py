@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import (BulkWriteError, ConnectionFailure, DuplicateKeyError,
+                            ExecutionTimeout, WTimeoutError)
+
+# Errors that say nothing about the documents: every waiter hears of them
+# (an unreachable database is a 503 for all), with no retry one by one.
+_NOT_THE_DOCUMENTS = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 
 MAX_BATCH = 256
 
@@ -51,8 +56,13 @@ class InsertBatcher:
             for error in exc.details.get("writeErrors", []):
                 failed[error["index"]] = (DuplicateKeyError(error.get("errmsg", "duplicate"))
                                           if error.get("code") == 11000 else exc)
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+        except _NOT_THE_DOCUMENTS as exc:
             failed = {i: exc for i in range(len(batch))}
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+            # One bad document (one that cannot be encoded, say) fails the
+            # whole insert_many before anything is written; it must not
+            # take the others down with it.
+            failed = await self._one_by_one(batch) if len(batch) > 1 else {0: exc}
         for i, (_, future) in enumerate(batch):
             if future.done():
                 continue  # its submit gave up (timeout); nothing to tell
@@ -60,3 +70,15 @@ class InsertBatcher:
                 future.set_exception(failed[i])
             else:
                 future.set_result(None)
+
+    async def _one_by_one(self, batch: list[tuple[dict, asyncio.Future]]
+                          ) -> dict[int, BaseException]:
+        failed: dict[int, BaseException] = {}
+        for i, (doc, future) in enumerate(batch):
+            if future.done():
+                continue
+            try:
+                await self.collection.insert_one(doc)
+            except Exception as exc:  # noqa: BLE001 - reported to this waiter only
+                failed[i] = exc
+        return failed

@@ -21,6 +21,13 @@ class InvalidInput(ValueError):
 def _no_controls(name: str, value: str) -> None:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInput(f"{name} must not contain control characters (NUL, CR, LF, tab...)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON "\\ud800") cannot be stored, and one such
+        # document would fail the whole batched insert it joined.
+        raise InvalidInput(f"{name} is not valid Unicode: it contains a lone surrogate "
+                           "such as \\ud800") from None
 
 
 def check_url(url: str | None, policy: AddressPolicy) -> str:
