@@ -206,3 +206,47 @@ def test_concurrent_scrapes_share_one_database_read(mongo, logs, files):
                   "the new tasks in the gauges")
     finally:
         svc.stop()
+
+
+def test_supervisor_leaves_a_data_dir_another_md5_light_took_alone(tmp_path, caplog):
+    """Ours dies, another md5-light starts on the same DATA_DIR before the
+    restart: the supervisor waits (and says why) instead of starting a rival
+    daemon, and takes over once the other one is gone."""
+    import asyncio
+    import logging
+
+    from service.embedded_db import DatabaseSupervisor, EmbeddedDatabase
+
+    caplog.set_level(logging.INFO, logger="md5light.db")
+    ours = EmbeddedDatabase(str(tmp_path / "data"))
+    ours.start()
+    theirs = EmbeddedDatabase(str(tmp_path / "data"))
+    restarts = []
+
+    async def scenario() -> None:
+        supervisor = DatabaseSupervisor(ours, on_restart=lambda: restarts.append(1))
+        ours.process.kill()
+        ours.process.wait()
+        theirs.start()
+        supervisor.start()
+        try:
+            await asyncio.sleep(3)
+            assert not restarts and ours.process.poll() is not None
+            assert theirs.process.poll() is None
+            assert MongoClient(theirs.uri, serverSelectionTimeoutMS=5000).admin.command("ping")
+            theirs.stop()
+            for _ in range(300):  # its back-off has grown meanwhile: up to 30 s
+                if restarts:
+                    break
+                await asyncio.sleep(0.1)
+            assert restarts == [1] and ours.process.poll() is None
+        finally:
+            await supervisor.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        theirs.stop()
+        ours.stop()
+    assert f"{theirs.uri} now serves" in caplog.text
+    assert (tmp_path / "data" / "mongodb.uri").exists() is False
