@@ -208,7 +208,7 @@ class TaskStore:
             await self.stats.update_one({"_id": STATS_ID}, {"$inc": deltas}, upsert=True)
         except BaseException:
             for name, delta in deltas.items():
-                self._count(**{name: delta})
+                self._tally[name] = self._tally.get(name, 0) + delta
             raise
 
     async def task_counts(self) -> tuple[dict[str, int], bool]:
