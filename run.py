@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = database.start()
     workers = config.workers if args.role == "all" else 0
     try:
-        asyncio.run(serve(config, uri, workers))
+        asyncio.run(serve(config, uri, workers, database))
     finally:
         if database is not None:
             database.stop()

@@ -9,6 +9,7 @@ import logging
 from tornado import web
 
 from service.config import Config
+from service.metrics import DatabaseGauges
 from service.netpolicy import AddressPolicy
 from service.store import TaskStore
 
@@ -18,10 +19,12 @@ from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
 def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
-             expect_workers: bool = True) -> web.Application:
+             expect_workers: bool = True,
+             gauges: DatabaseGauges | None = None) -> web.Application:
     services = dict(store=store, wake=wake, mail_enabled=config.mail_enabled,
                     policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
-                    expect_workers=expect_workers)
+                    expect_workers=expect_workers,
+                    gauges=gauges or DatabaseGauges(store, config.metrics_db_interval))
     routes = [
         (r"/submit", SubmitHandler),
         (r"/check", CheckHandler),

@@ -14,9 +14,14 @@ class HealthHandler(JsonHandler):
         store = self.services["store"]
         report: dict = {"database": "ok", "workers": 0}
         stuck: list[str] = []
+
+        async def probe() -> tuple[int, list[str]]:
+            await store.ping()
+            return await store.live_workers(within=10)
+
         try:
-            await self.db(store.ping)
-            report["workers"], stuck = await self.db(lambda: store.live_workers(within=10))
+            # One deadline for both calls: an outage answers in DB_TIMEOUT.
+            report["workers"], stuck = await self.db(probe)
         except Exception:  # noqa: BLE001 - any failure here means unhealthy
             report["database"] = "unreachable"
         if stuck:
@@ -30,11 +35,8 @@ class HealthHandler(JsonHandler):
 class MetricsHandler(JsonHandler):
     async def get(self) -> None:
         from service import metrics
-        store = self.services["store"]
-        try:
-            counts = await self.db(store.counts_by_status)
-        except Exception:  # noqa: BLE001 - process metrics are still worth serving
-            counts = None
+        # Shared and rate-limited: scrapers cannot add load to the database.
+        counts = await self.services["gauges"].get()
         text, content_type = metrics.render(counts)
         self.set_header("Content-Type", content_type)
         self.finish(text)

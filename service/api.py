@@ -12,8 +12,10 @@ from pymongo.errors import PyMongoError
 from handlers.app import make_app
 from handlers.base import MAX_BODY
 
+from . import metrics
 from .config import Config
 from .framing import JsonErrorHTTPServer
+from .embedded_db import DatabaseSupervisor, EmbeddedDatabase
 from .pool import WorkerPool
 from .store import TaskStore, connect
 
@@ -40,17 +42,26 @@ async def prepare_store(config: Config, uri: str, **client_options) -> TaskStore
     raise AssertionError("unreachable")
 
 
-async def serve(config: Config, uri: str, workers: int) -> None:
+async def serve(config: Config, uri: str, workers: int,
+                database: EmbeddedDatabase | None = None) -> None:
     store = await prepare_store(config, uri, serverSelectionTimeoutMS=2000)
     pool = WorkerPool(config, uri, workers) if workers else None
-    app = make_app(config, store, wake=pool.wake if pool else (lambda: None))
+    gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
+    app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges)
     server = JsonErrorHTTPServer(app, idle_connection_timeout=30, body_timeout=30,
                                  max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
     server.listen(config.port, config.host)
     if pool:
         pool.start()
+    supervisor = None
+    if database is not None:
+        supervisor = DatabaseSupervisor(database, on_restart=metrics.DATABASE_RESTARTS.inc)
+        supervisor.start()
     log.info("md5-light API listening on http://%s:%d/ (%d worker processes)",
              config.host, config.port, workers)
+    # A first read now: on a database without counters yet it starts the
+    # recount, so that the first scrape already has them.
+    counts = asyncio.get_running_loop().create_task(_flush_counts(store, gauges))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,5 +71,26 @@ async def serve(config: Config, uri: str, workers: int) -> None:
     server.stop()
     if pool:
         await pool.stop()
+    if supervisor:
+        # Still watching while the workers drained (they need the database);
+        # from here on run.py stops it, and that death is not to be undone.
+        await supervisor.stop()
     await server.close_all_connections()
+    counts.cancel()
+    try:
+        await store.flush_counts()
+    except PyMongoError:
+        log.warning("could not record the last queue counts")
     await store.client.close()
+
+
+async def _flush_counts(store: TaskStore, gauges: metrics.DatabaseGauges) -> None:
+    """This process's submits into the shared queue counters, once a second
+    (a backstop: each change is written a moment after it happens)."""
+    await gauges.get()
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await store.flush_counts()
+        except PyMongoError:
+            pass

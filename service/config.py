@@ -125,6 +125,9 @@ class Config:
     task_ttl_days: float | None = _field("TASK_TTL_DAYS", None, float,
                                          "delete finished tasks after this many days "
                                          "(unset: keep forever)")
+    metrics_db_interval: float = _field("METRICS_DB_INTERVAL", 15.0, parse_seconds,
+                                        "/metrics reads the database at most this often "
+                                        "per API process")
 
     @property
     def embedded(self) -> bool:

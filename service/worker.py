@@ -75,6 +75,10 @@ class Worker:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        try:
+            await self.store.flush_counts()
+        except PyMongoError:
+            log.warning("worker %s could not record its last queue counts", self.name)
         self.client.close()
         self.hash_executor.shutdown(wait=True)
         log.info("worker %s stopped", self.name)
@@ -222,6 +226,7 @@ class Worker:
                     download.abort(FetchError("lease_lost", "lease lost", False))
             try:
                 await self.store.heartbeat(self.name, len(self.active), self._stuck())
+                await self.store.flush_counts()
             except PyMongoError:
                 pass
 

@@ -83,12 +83,18 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_metrics_move_when_tasks_run(make_service, files):
-    svc = make_service(WORKERS="2")
+    svc = make_service(WORKERS="2", METRICS_DB_INTERVAL="0")
     before = requests.get(svc.base + "/metrics").text
     ids = [svc.submit(files.url(f"/bytes/{1000 + i}")) for i in range(6)]
     ids.append(svc.submit(files.url("/status/404")))
     svc.wait_all(ids)
-    after = requests.get(svc.base + "/metrics").text
+    deadline = time.monotonic() + 15
+    while True:  # the database's counts follow within a second or so
+        after = requests.get(svc.base + "/metrics").text
+        if _metric(after, "md5light_queue_depth") == 0 and \
+                _metric(after, "md5light_tasks_stored") == 7 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert _metric(after, 'md5light_tasks_finished_total{outcome="done"}') - \
         _metric(before, 'md5light_tasks_finished_total{outcome="done"}') == 6
     assert _metric(after, 'md5light_tasks_finished_total{outcome="failed"}') == 1
