@@ -8,12 +8,12 @@ import logging
 import signal
 
 from pymongo.errors import PyMongoError
-from tornado.httpserver import HTTPServer
 
 from handlers.app import make_app
 from handlers.base import MAX_BODY
 
 from .config import Config
+from .connlimit import LimitedHTTPServer, raise_fd_limit
 from .pool import WorkerPool
 from .store import TaskStore, connect
 
@@ -41,11 +41,13 @@ async def prepare_store(config: Config, uri: str, **client_options) -> TaskStore
 
 
 async def serve(config: Config, uri: str, workers: int) -> None:
+    raise_fd_limit()
     store = await prepare_store(config, uri, serverSelectionTimeoutMS=2000)
     pool = WorkerPool(config, uri, workers) if workers else None
     app = make_app(config, store, wake=pool.wake if pool else (lambda: None))
-    server = HTTPServer(app, idle_connection_timeout=30, body_timeout=30,
-                        max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
+    server = LimitedHTTPServer(app, idle_connection_timeout=30, body_timeout=30,
+                               max_body_size=MAX_BODY + 1, max_header_size=256 * 1024,
+                               max_connections_per_client=config.max_connections_per_client)
     server.listen(config.port, config.host)
     if pool:
         pool.start()
