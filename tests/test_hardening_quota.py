@@ -87,13 +87,16 @@ def test_queue_cap_answers_503(make_service, files):
     svc = make_service(MAX_QUEUED="3", WORKERS="1", WORKER_CONCURRENCY="1",
                        IDLE_TIMEOUT="60")
     codes = []
-    for i in range(6):
+    for i in range(8):
         # Different clients: the per-client cap is not what refuses here.
         r = post(svc, files.url("/stall"), f"198.51.100.{i}")
         codes.append(r.status_code)
         if r.status_code == 503:
             break
-    assert codes[:3] == [202, 202, 202] and codes[-1] == 503, codes
+    # The cached count is an upper bound (a count racing a submit may see
+    # it twice), so the cap may bite a little early, never late: at most
+    # three queued plus the one the worker runs.
+    assert codes[-1] == 503 and 2 <= codes.count(202) <= 4, codes
     assert r.json()["error"].startswith("the service is at capacity with ")
     assert r.json()["error"].endswith(" tasks waiting (limit 3); try again in a minute")
     assert r.headers["Retry-After"] == "30"
