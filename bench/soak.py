@@ -57,7 +57,9 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(42)
     files = FileServerProcess()
-    env = dict(IDLE_TIMEOUT="3", RETRY_BASE="0.2", CONNECT_TIMEOUT="3", WORKER_CONCURRENCY="32")
+    # One client submits everything: lift the per-client cap above it.
+    env = dict(IDLE_TIMEOUT="3", RETRY_BASE="0.2", CONNECT_TIMEOUT="3", WORKER_CONCURRENCY="32",
+               MAX_PENDING_PER_CLIENT=str(max(1000, 2 * args.tasks)))
     try:
         with Stack(**env) as stack:
             work = plan(files, args.tasks, rng)

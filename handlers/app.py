@@ -11,6 +11,7 @@ from tornado import web
 from service.config import Config
 from service.metrics import DatabaseGauges
 from service.netpolicy import AddressPolicy
+from service.quota import Admission
 from service.store import TaskStore
 
 from .base import NotFoundHandler
@@ -24,7 +25,10 @@ def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
     services = dict(store=store, wake=wake, mail_enabled=config.mail_enabled,
                     policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
                     expect_workers=expect_workers,
-                    gauges=gauges or DatabaseGauges(store, config.metrics_db_interval))
+                    gauges=gauges or DatabaseGauges(store, config.metrics_db_interval),
+                    admission=Admission(store, config.max_pending_per_client,
+                                        config.max_queued),
+                    client_ip_header=config.client_ip_header)
     routes = [
         (r"/submit", SubmitHandler),
         (r"/check", CheckHandler),

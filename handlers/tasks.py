@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+from tornado import web
+
 from service.metrics import SUBMISSIONS
+from service.quota import (RETRY_AFTER_CLIENT, RETRY_AFTER_FULL, QueueFull, QuotaExceeded,
+                           Verdict, client_address)
 from service.store import DONE, FAILED, IdempotencyConflict
 from service.validation import InvalidInput, check_email, check_idempotency_key, check_url
 
@@ -24,17 +28,57 @@ class SubmitHandler(JsonHandler):
             key = check_idempotency_key(self.request.headers.get("Idempotency-Key"))
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
-        store = self.services["store"]
+        store, admission = self.services["store"], self.services["admission"]
+        client = client_address(self.request, self.services["client_ip_header"])
+        verdict: Verdict | None = None
+
+        async def admit() -> int:
+            nonlocal verdict
+            verdict = await admission.admit(client)
+            return verdict.lane
+
         try:
             task_id = await self.db(lambda: store.create(
-                url, email, notify=self.services["mail_enabled"], idempotency_key=key))
+                url, email, notify=self.services["mail_enabled"], idempotency_key=key,
+                client=client, admit=admit))
         except IdempotencyConflict:
             return self.send(422, {"error": "Idempotency-Key was already used "
                                             "for a different url or email"})
+        except QuotaExceeded as exc:
+            self.rate_limit_headers(exc.verdict, reset=RETRY_AFTER_CLIENT)
+            self.set_header("Retry-After", str(RETRY_AFTER_CLIENT))
+            return self.send(429, {"error": (
+                f"too many unfinished tasks from your address: {exc.verdict.pending} are "
+                f"queued or running and the limit is {exc.verdict.limit}; submit more "
+                f"when some have finished")})
+        except QueueFull as exc:
+            self.set_header("Retry-After", str(RETRY_AFTER_FULL))
+            return self.send(503, {"error": (
+                f"the service is at capacity with {exc.queued} tasks waiting (limit "
+                f"{exc.limit}); try again in a minute")})
+        except web.HTTPError:
+            if verdict is not None:
+                admission.release(client)
+            raise
         SUBMISSIONS.inc()
         self.services["wake"]()
+        # This task now holds a place; an idempotent retry takes none.
+        standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
+                    if verdict is not None else admission.peek(client))
+        self.rate_limit_headers(standing)
         self.set_header("Location", f"/check?id={task_id}")
         self.send(202, {"id": task_id})
+
+    def rate_limit_headers(self, verdict: Verdict, reset: int | None = None) -> None:
+        """draft-ietf-httpapi-ratelimit-headers-11: the quota is of
+        unfinished tasks at once, hence the unit concurrent-requests and no
+        window. Nothing is sent when there is no per-client limit."""
+        if not verdict.limit:
+            return
+        self.set_header("RateLimit-Policy",
+                        f'"pending";q={verdict.limit};qu="concurrent-requests"')
+        self.set_header("RateLimit", f'"pending";r={verdict.remaining}'
+                        + (f";t={reset}" if reset is not None else ""))
 
 
 class CheckHandler(JsonHandler):

@@ -16,10 +16,17 @@ from . import metrics
 from .config import Config
 from .framing import JsonErrorHTTPServer
 from .embedded_db import DatabaseSupervisor, EmbeddedDatabase
+from .connlimit import LimitedHTTPServer, raise_fd_limit
 from .pool import WorkerPool
 from .store import TaskStore, connect
 
 log = logging.getLogger("md5light.api")
+
+
+class ApiServer(JsonErrorHTTPServer, LimitedHTTPServer):
+    """JSON answers to framing errors, and a connection cap per client. In
+    this order: the JSON stream replaces Tornado's first, so the cap counts
+    the stream that the server later closes."""
 
 
 async def prepare_store(config: Config, uri: str, **client_options) -> TaskStore:
@@ -44,12 +51,14 @@ async def prepare_store(config: Config, uri: str, **client_options) -> TaskStore
 
 async def serve(config: Config, uri: str, workers: int,
                 database: EmbeddedDatabase | None = None) -> None:
+    raise_fd_limit()
     store = await prepare_store(config, uri, serverSelectionTimeoutMS=2000)
     pool = WorkerPool(config, uri, workers) if workers else None
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
     app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges)
-    server = JsonErrorHTTPServer(app, idle_connection_timeout=30, body_timeout=30,
-                                 max_body_size=MAX_BODY + 1, max_header_size=256 * 1024)
+    server = ApiServer(app, idle_connection_timeout=30, body_timeout=30,
+                       max_body_size=MAX_BODY + 1, max_header_size=256 * 1024,
+                       max_connections_per_client=config.max_connections_per_client)
     server.listen(config.port, config.host)
     if pool:
         pool.start()

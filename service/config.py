@@ -128,6 +128,18 @@ class Config:
     metrics_db_interval: float = _field("METRICS_DB_INTERVAL", 15.0, parse_seconds,
                                         "/metrics reads the database at most this often "
                                         "per API process")
+    max_pending_per_client: int = _field("MAX_PENDING_PER_CLIENT", 1000, int,
+                                         "unfinished (queued or running) tasks one client may "
+                                         "have; more is refused with 429 (0: no limit)")
+    max_queued: int = _field("MAX_QUEUED", 100_000, int,
+                             "queued tasks in all; more is refused with 503 (0: no limit)")
+    client_ip_header: str | None = _field("CLIENT_IP_HEADER", None, str,
+                                          "header in which a trusted proxy appends the client's "
+                                          "address, e.g. X-Forwarded-For (its right-most entry "
+                                          "is used); unset: the connection's address")
+    max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 256, int,
+                                             "open connections one remote address may hold; "
+                                             "more are closed at once (0: no limit)")
 
     @property
     def embedded(self) -> bool:
@@ -217,6 +229,12 @@ def _check(config: Config) -> None:
         problems.append("TASK_TTL_DAYS must be positive")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    for name in ("max_pending_per_client", "max_queued", "max_connections_per_client"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name.upper()} must be 0 (no limit) or more")
+    if config.client_ip_header is not None and not re.fullmatch(
+            r"[A-Za-z0-9-]{1,64}", config.client_ip_header):
+        problems.append("CLIENT_IP_HEADER must be a header name, e.g. X-Forwarded-For")
     for item in config.resolve:
         if "=" not in item:
             problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")
