@@ -137,7 +137,7 @@ class Config:
                                           "header in which a trusted proxy appends the client's "
                                           "address, e.g. X-Forwarded-For (its right-most entry "
                                           "is used); unset: the connection's address")
-    max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 256, int,
+    max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 1024, int,
                                              "open connections one remote address may hold; "
                                              "more are closed at once (0: no limit)")
 
