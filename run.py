@@ -17,7 +17,7 @@ import logging
 import sys
 
 from service import config as config_mod
-from service import logs
+from service.runtime import logs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,26 +34,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["submit"]:
-        from service import client
-        return client.main(argv[1:])
+        from service.cli import submit
+        return submit.main(argv[1:])
     args = parse_args(argv)
     config = config_mod.load(args)
     logs.setup(config.log_level, config.log_format)
-    log = logging.getLogger("md5light")
-
     if args.role == "worker":
-        from service import worker
+        from service.runtime import worker
         if config.embedded:
             raise SystemExit("the worker role needs MONGODB_URI")
         asyncio.run(worker.main(config))
         return 0
+    return run_api(config, workers=config.workers if args.role == "all" else 0)
 
-    from service import metrics_dir
-    metrics_path = metrics_dir.prepare() if args.role == "all" else None
 
-    from service.api import serve
-    from service.embedded_db import EmbeddedDatabase
+def run_api(config: config_mod.Config, workers: int) -> int:
+    """The api and all roles: the embedded database (without MONGODB_URI),
+    then the API, then (role all) the worker pool; stopped in reverse."""
+    from service.runtime import metrics_dir
+    from service.runtime.embedded_db import EmbeddedDatabase
 
+    log = logging.getLogger("md5light")
+    # Before prometheus_client is first imported (by the API's modules).
+    metrics_path = metrics_dir.prepare() if workers else None
     if config.allow_private_urls:
         log.warning("ALLOW_PRIVATE_URLS is on: tasks may fetch from loopback and private "
                     "networks (only for trusted users)")
@@ -64,15 +67,41 @@ def main(argv: list[str] | None = None) -> int:
     if config.embedded:
         database = EmbeddedDatabase(config.data_dir)
         uri = database.start()
-    workers = config.workers if args.role == "all" else 0
     try:
-        asyncio.run(serve(config, uri, workers, database))
+        asyncio.run(serve_api(config, uri, workers, database))
     finally:
         if database is not None:
             database.stop()
         if metrics_path:
             metrics_dir.remove(metrics_path)
     return 0
+
+
+async def serve_api(config: config_mod.Config, uri: str, workers: int,
+                    database: "EmbeddedDatabase | None") -> None:
+    """The one place the pieces are put together:
+    config -> database -> store -> app -> server -> pool."""
+    from handlers.app import make_app
+    from handlers.base import MAX_BODY
+    from service.runtime import metrics
+    from service.runtime.connlimit import raise_fd_limit
+    from service.runtime.embedded_db import DatabaseSupervisor
+    from service.runtime.pool import WorkerPool
+    from service.runtime.server import ApiProcess, make_server, wait_for_database
+    from service.storage.store import open_store
+
+    raise_fd_limit()
+    store = open_store(config, uri, serverSelectionTimeoutMS=2000)
+    await wait_for_database(store)
+    pool = WorkerPool(config, uri, workers) if workers else None
+    gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
+    app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges)
+    supervisor = None
+    if database is not None:
+        supervisor = DatabaseSupervisor(database, on_restart=metrics.DATABASE_RESTARTS.inc)
+    process = ApiProcess(config, store, make_server(app, config, MAX_BODY), gauges,
+                         pool=pool, supervisor=supervisor)
+    await process.run()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ import logging
 from tornado import web
 
 from service.config import Config
-from service.metrics import DatabaseGauges
-from service.netpolicy import AddressPolicy
-from service.quota import Admission
-from service.store import TaskStore
+from service.runtime.metrics import DatabaseGauges
+from service.fetch.netpolicy import AddressPolicy
+from service.intake.admission import Admission
+from service.storage.store import TaskStore
 
 from .base import NotFoundHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler

@@ -34,7 +34,7 @@ class HealthHandler(JsonHandler):
 
 class MetricsHandler(JsonHandler):
     async def get(self) -> None:
-        from service import metrics
+        from service.runtime import metrics
         # Shared and rate-limited: scrapers cannot add load to the database.
         counts = await self.services["gauges"].get()
         text, content_type = metrics.render(counts)

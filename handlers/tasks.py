@@ -7,11 +7,11 @@ from typing import Any
 
 from tornado import web
 
-from service.metrics import SUBMISSIONS
-from service.quota import (RETRY_AFTER_CLIENT, RETRY_AFTER_FULL, QueueFull, QuotaExceeded,
+from service.runtime.metrics import SUBMISSIONS
+from service.intake.admission import (RETRY_AFTER_CLIENT, RETRY_AFTER_FULL, QueueFull, QuotaExceeded,
                            Verdict, client_address)
-from service.store import DONE, FAILED, IdempotencyConflict
-from service.validation import InvalidInput, check_email, check_idempotency_key, check_url
+from service.storage.store import DONE, FAILED, IdempotencyConflict
+from service.intake.validation import InvalidInput, check_email, check_idempotency_key, check_url
 
 from .base import JsonHandler
 

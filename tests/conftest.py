@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fileserver import ThreadedServer  # noqa: E402
 from servicectl import Service  # noqa: E402
 
-from service.embedded_db import EmbeddedDatabase  # noqa: E402
+from service.runtime.embedded_db import EmbeddedDatabase  # noqa: E402
 
 
 @pytest.fixture(scope="session")

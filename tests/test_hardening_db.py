@@ -215,7 +215,7 @@ def test_supervisor_leaves_a_data_dir_another_md5_light_took_alone(tmp_path, cap
     import asyncio
     import logging
 
-    from service.embedded_db import DatabaseSupervisor, EmbeddedDatabase
+    from service.runtime.embedded_db import DatabaseSupervisor, EmbeddedDatabase
 
     caplog.set_level(logging.INFO, logger="md5light.db")
     ours = EmbeddedDatabase(str(tmp_path / "data"))

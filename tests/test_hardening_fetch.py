@@ -18,8 +18,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 from fileserver import RawResponseServer, md5_of
 from service import config as config_mod
-from service import httpclient_hooks
-from service.fetch import Download, FetchError, make_client
+from service.fetch import tornado_hooks as httpclient_hooks
+from service.fetch.download import Download, FetchError, make_client
 
 OK = b"HTTP/1.1 200 OK\r\n"
 LONG_EXTENSION = OK + (b"Transfer-Encoding: chunked\r\n\r\n5;note=" + b"x" * 80
@@ -240,7 +240,7 @@ def test_health_reports_a_stuck_worker(service, mongo):
 
 
 def test_worker_counts_downloads_without_progress(config):
-    from service.worker import Worker
+    from service.runtime.worker import Worker
     worker = Worker(config, store=None, name="w")
     fresh = Download("http://127.0.0.1/a", config, worker.client, None)
     old = Download("http://127.0.0.1/b", config, worker.client, None)

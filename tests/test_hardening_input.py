@@ -21,8 +21,8 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
 from fileserver import md5_of
-from service import framing
-from service.batching import InsertBatcher
+from service.runtime import framing
+from service.storage.batching import InsertBatcher
 
 JSON = {"Content-Type": "application/json"}
 

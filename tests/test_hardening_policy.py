@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fileserver import md5_of
-from service.logs import JsonFormatter, TextFormatter
-from service.netpolicy import AddressPolicy, embedded_ipv4s, is_public, parse_ip_literal
+from service.runtime.logs import JsonFormatter, TextFormatter
+from service.fetch.netpolicy import AddressPolicy, embedded_ipv4s, is_public, parse_ip_literal
 from service.redact import safe_url, scrub_urls
 from servicectl import Service
 
@@ -98,7 +98,7 @@ def test_uncaught_exceptions_are_scrubbed(tmp_path):
     script.write_text(
         "import sys, threading\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from service import logs\n"
+        "from service.runtime import logs\n"
         "logs.setup('INFO', sys.argv[1])\n"
         f"url = 'http://files.test/a.bin?{QUERY}'\n"
         "def boom():\n"

@@ -205,7 +205,7 @@ def test_database_outage_under_load(tmp_path, logs, files):
     """Stop the database under load: the API answers 503 quickly, workers
     wait, and everything accepted finishes once the database is back."""
     from servicectl import Service
-    from service.embedded_db import EmbeddedDatabase
+    from service.runtime.embedded_db import EmbeddedDatabase
 
     db = EmbeddedDatabase(str(tmp_path / "db"))
     db.start()

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from fileserver import ThreadedServer, md5_of
-from service.netpolicy import AddressPolicy, is_public, parse_ip_literal
+from service.fetch.netpolicy import AddressPolicy, is_public, parse_ip_literal
 
 BLOCKED = {
     "loopback": "127.0.0.1", "loopback-other": "127.45.6.7", "rfc1918-10": "10.0.0.1",

@@ -33,7 +33,8 @@ from typing import Any, Awaitable, Callable
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from .batching import InsertBatcher
+from service.config import Config
+from service.storage.batching import InsertBatcher
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
@@ -97,6 +98,14 @@ def connect(uri: str, **kwargs: Any) -> AsyncMongoClient:
                    tz_aware=True, appname="md5-light")
     options.update(kwargs)
     return AsyncMongoClient(uri, **options)
+
+
+def open_store(config: "Config", uri: str, **client_options: Any) -> "TaskStore":
+    """The one way every role builds its store from the configuration."""
+    return TaskStore(connect(uri, **client_options), max_attempts=config.max_attempts,
+                     lease_seconds=config.lease_seconds,
+                     idempotency_ttl=config.idempotency_ttl,
+                     task_ttl_days=config.task_ttl_days)
 
 
 class TaskStore:

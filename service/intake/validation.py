@@ -7,7 +7,7 @@ import urllib.parse
 
 from email_validator import EmailNotValidError, validate_email
 
-from .netpolicy import AddressPolicy, parse_ip_literal
+from service.fetch.netpolicy import AddressPolicy, parse_ip_literal
 
 MAX_URL_LENGTH = 2048
 MAX_EMAIL_LENGTH = 254

@@ -32,12 +32,12 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-from . import httpclient_hooks as hooks
-from .config import Config, human_size
-from .hashing import Md5Sink
-from .netpolicy import (AddressPolicy, BlockedAddress, FilteringResolver, InvalidHostName,
+from service.fetch import tornado_hooks as hooks
+from service.config import Config, human_size
+from service.fetch.hashing import Md5Sink
+from service.fetch.netpolicy import (AddressPolicy, BlockedAddress, FilteringResolver, InvalidHostName,
                         UnresolvableHost, parse_overrides)
-from .redact import scrub_urls
+from service.redact import scrub_urls
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}

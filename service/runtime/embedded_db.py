@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .procutil import die_with_parent
+from service.runtime.procutil import die_with_parent
 
 log = logging.getLogger("md5light.db")
 

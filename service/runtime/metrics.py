@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from .metrics_dir import ENV
+from service.runtime.metrics_dir import ENV
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
-from .quota import client_key
+from service.intake.admission import client_key
 
 log = logging.getLogger("md5light.api")
 

@@ -28,7 +28,7 @@ import time
 import pymongo
 from pymongo.errors import PyMongoError
 
-from .store import TaskStore, lane_for
+from service.storage.store import TaskStore, lane_for
 
 log = logging.getLogger("md5light.api")
 

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, to_environ
-from .procutil import die_with_parent
+from service.config import Config, to_environ
+from service.runtime.procutil import die_with_parent
 
 log = logging.getLogger("md5light.pool")
 
-RUN_PY = str(Path(__file__).resolve().parent.parent / "run.py")
+RUN_PY = str(Path(__file__).resolve().parents[2] / "run.py")
 
 
 @dataclass

@@ -20,12 +20,12 @@ from typing import Awaitable, Callable
 
 from pymongo.errors import PyMongoError
 
-from .config import Config
-from .fetch import Download, FetchError, make_client
-from . import metrics
-from .mailer import Mailer, MailError
-from .redact import safe_url
-from .store import NOTE_PENDING, TaskStore, connect
+from service.config import Config
+from service.fetch.download import Download, FetchError, make_client
+from service.runtime import metrics
+from service.notify.mailer import Mailer, MailError
+from service.redact import safe_url
+from service.storage.store import NOTE_PENDING, TaskStore, open_store
 
 log = logging.getLogger("md5light.worker")
 
@@ -295,9 +295,7 @@ async def main(config: Config) -> None:
         os.nice(WORKER_NICENESS)
     except OSError:
         pass
-    client = connect(config.mongodb_uri)
-    store = TaskStore(client, max_attempts=config.max_attempts,
-                      lease_seconds=config.lease_seconds)
+    store = open_store(config, config.mongodb_uri)
     worker = Worker(config, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -306,7 +304,7 @@ async def main(config: Config) -> None:
     try:
         await worker.run()
     finally:
-        await client.close()
+        await store.client.close()
 
 
 def _watch_wake_pipe(worker: Worker) -> None:

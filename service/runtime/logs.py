@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 
-from .redact import scrub_urls
+from service.redact import scrub_urls
 
 _TASK_ID = re.compile(r"\btask ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 

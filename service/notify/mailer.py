@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-from .config import Config
+from service.config import Config
 
 
 @dataclass
