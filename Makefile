@@ -9,7 +9,7 @@ TOOLS   := .tools
 MONGOSH := $(TOOLS)/node_modules/.bin/mongosh
 MONGOSH_VERSION := 2.12.0
 
-.PHONY: setup run test bench shell clean
+.PHONY: setup run test lint bench shell clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "md5-light needs Python 3.11 or newer")'
@@ -28,6 +28,11 @@ run: $(STAMP)
 test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# ruff and mypy on the service's code (CI runs this before the tests).
+lint: $(STAMP)
+	$(BIN)/ruff check service handlers run.py
+	$(BIN)/mypy
+
 # The Mongo shell, from npm (its tests run the README's queries through it).
 $(MONGOSH):
 	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
@@ -43,7 +48,7 @@ shell: $(MONGOSH)
 # Benchmarks (not part of `make test`): nginx from Debian serves the files.
 bench: $(STAMP)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
-	cd bench && ../$(BIN)/python perf.py
+	$(BIN)/python -m bench.perf
 
 clean:
 	rm -rf $(VENV) $(TOOLS) data .pytest_cache

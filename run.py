@@ -15,9 +15,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from service import config as config_mod
 from service.runtime import logs
+
+if TYPE_CHECKING:
+    from service.runtime.embedded_db import EmbeddedDatabase
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,11 +66,8 @@ def run_api(config: config_mod.Config, workers: int) -> int:
                     "networks (only for trusted users)")
     if not config.mail_enabled:
         log.info("SMTP_HOST is not set: mail is off, notifications are recorded as skipped")
-    database = None
-    uri = config.mongodb_uri
-    if config.embedded:
-        database = EmbeddedDatabase(config.data_dir)
-        uri = database.start()
+    database = EmbeddedDatabase(config.data_dir) if config.embedded else None
+    uri = database.start() if database else str(config.mongodb_uri)
     try:
         asyncio.run(serve_api(config, uri, workers, database))
     finally:
@@ -78,7 +79,7 @@ def run_api(config: config_mod.Config, workers: int) -> int:
 
 
 async def serve_api(config: config_mod.Config, uri: str, workers: int,
-                    database: "EmbeddedDatabase | None") -> None:
+                    database: EmbeddedDatabase | None) -> None:
     """The one place the pieces are put together:
     config -> database -> store -> app -> server -> pool."""
     from handlers.app import make_app

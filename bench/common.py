@@ -3,9 +3,7 @@ time things, print tables. Benchmarks talk only to 127.0.0.1."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,52 +12,36 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.servicectl import ROOT, Service, free_port
 
-from servicectl import free_port  # noqa: E402
+__all__ = ["ROOT", "Stack", "FileServerProcess", "free_port", "table"]
 
 
-class Stack:
-    """md5-light with its embedded database, in a scratch DATA_DIR."""
+class Stack(Service):
+    """md5-light as `make run` starts it (embedded database, default
+    settings), in a scratch DATA_DIR; the tests' harness underneath."""
 
     def __init__(self, **env: str):
         self.dir = Path(tempfile.mkdtemp(prefix="md5bench-"))
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, PORT=str(self.port), DATA_DIR=str(self.dir / "data"),
-                        ALLOW_PRIVATE_URLS="1", LOG_LEVEL="WARNING")
-        self.env.update(env)
-        self.proc: subprocess.Popen | None = None
+        settings = dict(DATA_DIR=str(self.dir / "data"), ALLOW_PRIVATE_URLS="1",
+                        LOG_LEVEL="WARNING")
+        settings.update(env)
+        super().__init__(None, self.dir, quick=False, **settings)
 
     def __enter__(self) -> "Stack":
-        log = open(self.dir / "service.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.base + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError((self.dir / "service.log").read_text()[-3000:])
+        return self.start()
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.stop(timeout=60)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def mongo_uri(self) -> str:
         return (self.dir / "data" / "mongodb.uri").read_text().strip()
 
     def worker_pids(self) -> list[int]:
+        assert self.proc is not None
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "run.py worker"],
                              capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
@@ -71,14 +53,14 @@ class FileServerProcess:
 
     def __init__(self):
         self.port = free_port()
-        code = ("import asyncio, logging, sys; sys.path.insert(0, %r); import fileserver; "
+        code = ("import asyncio, logging; from tests import fileserver; "
                 "logging.disable(logging.CRITICAL); "
                 "from tornado.httpserver import HTTPServer\n"
                 "async def main():\n"
                 "    HTTPServer(fileserver.make_app()).listen(%d, '127.0.0.1')\n"
                 "    await asyncio.Event().wait()\n"
-                "asyncio.run(main())") % (str(ROOT / "tests"), self.port)
-        self.proc = subprocess.Popen([sys.executable, "-c", code])
+                "asyncio.run(main())") % self.port
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:

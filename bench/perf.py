@@ -5,7 +5,7 @@ Every figure is a ratio against a baseline measured in the same run on
 the same machine: `curl -s URL | md5sum` from a local nginx, alone or
 through xargs -P. Every md5 is checked against md5sum of the file.
 
-    make bench            # or: .venv/bin/python bench/perf.py [--only 1,2,...]
+    make bench            # or: .venv/bin/python -m bench.perf [--only 1,2,...]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from pymongo import MongoClient
 
-from common import Stack, free_port, table
+from bench.common import Stack, free_port, table
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

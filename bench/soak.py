@@ -2,7 +2,7 @@
 """Soak test: many tasks of mixed sizes and failure modes against local
 servers; every one must end done (with the right md5) or failed, none lost.
 
-    .venv/bin/python bench/soak.py [--tasks 10000]
+    .venv/bin/python -m bench.soak [--tasks 10000]
 
 Not part of `make test`: it runs for minutes. Exit status 0 only when
 lost == 0, wrong md5 == 0 and every outcome is the expected one.
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from pymongo import MongoClient
 
-from common import FileServerProcess, Stack, table
+from bench.common import FileServerProcess, Stack, table
 from fileserver import md5_of
 
 

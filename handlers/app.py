@@ -1,45 +1,43 @@
-"""The Tornado application: routes and the services handlers get."""
+"""The Tornado application: the routes, and what each handler is given."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from tornado import web
 
 from service.config import Config
-from service.runtime.metrics import DatabaseGauges
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
-from service.storage.store import TaskStore
+from service.intake.submissions import Submissions
+from service.runtime.metrics import DatabaseGauges
+from service.storage.store import Store
 
 from .base import NotFoundHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
-def make_app(config: Config, store: TaskStore, wake: Callable[[], None],
-             expect_workers: bool = True,
-             gauges: DatabaseGauges | None = None) -> web.Application:
-    services = dict(store=store, wake=wake, mail_enabled=config.mail_enabled,
-                    policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
-                    expect_workers=expect_workers,
-                    gauges=gauges or DatabaseGauges(store, config.metrics_db_interval),
-                    admission=Admission(store, config.max_pending_per_client,
-                                        config.max_queued),
-                    client_ip_header=config.client_ip_header)
-    routes = [
-        (r"/submit", SubmitHandler),
-        (r"/check", CheckHandler),
-        (r"/tasks/([^/]+)", TaskHandler),
-        (r"/health", HealthHandler),
-        (r"/metrics", MetricsHandler),
+def make_app(config: Config, store: Store, wake: Callable[[], None],
+             gauges: DatabaseGauges) -> web.Application:
+    """The routes, each handler given what it needs through initialize."""
+    submissions = Submissions(
+        store, Admission(store, config.max_pending_per_client, config.max_queued),
+        AddressPolicy(config.allow_private_urls, config.allow_networks),
+        config.mail_enabled, wake)
+    routes: list[Any] = [
+        (r"/submit", SubmitHandler, dict(submissions=submissions,
+                                         client_ip_header=config.client_ip_header)),
+        (r"/check", CheckHandler, dict(records=store.records)),
+        (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records)),
+        (r"/health", HealthHandler, dict(store=store)),
+        (r"/metrics", MetricsHandler, dict(gauges=gauges)),
         (r"/openapi.yaml", OpenAPIHandler),
     ]
     return web.Application(
-        [(path, handler, services) for path, handler in routes],
-        default_handler_class=NotFoundHandler, default_handler_args=services,
+        routes, default_handler_class=NotFoundHandler,
         compress_response=False, xheaders=False, log_function=log_request)
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import pymongo
 from pymongo.errors import PyMongoError
 from tornado import httputil, web
+from tornado.http1connection import HTTP1Connection
 
 log = logging.getLogger("md5light.api")
+T = TypeVar("T")
 
 _UNIMPLEMENTED = web.RequestHandler.get
 
@@ -41,10 +44,11 @@ class JsonHandler(web.RequestHandler):
     """Base class. Bodies stream in so that an oversized one is refused with
     413 while it arrives, rather than buffered first."""
 
-    def initialize(self, **services: Any) -> None:
-        self.services = services
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before super().__init__, which calls the subclass's initialize.
         self._body = bytearray()
         self._too_big = False
+        super().__init__(*args, **kwargs)
 
     def compute_etag(self) -> None:
         return None  # task state changes; a 304 would hide that
@@ -66,7 +70,9 @@ class JsonHandler(web.RequestHandler):
                 raise web.HTTPError(413, reason="Payload Too Large")
         # A chunked body is read on past the limit (and dropped), up to a
         # hard cap, so the client gets a clean 413 instead of a reset.
-        self.request.connection.set_max_body_size(DRAIN_CAP)
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            connection.set_max_body_size(DRAIN_CAP)
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_big or len(self._body) + len(chunk) > MAX_BODY:
@@ -150,9 +156,9 @@ class JsonHandler(web.RequestHandler):
             raise web.HTTPError(400, log_message="request is not valid UTF-8") from None
         except (ValueError, httputil.HTTPInputError) as exc:
             raise web.HTTPError(400, log_message=f"request body is not valid: {exc}") from None
-        for name, values in merged.items():
-            for value in [name, *values]:
-                _check_encodable(name, value)
+        for field, texts in merged.items():
+            for text in [field, *texts]:
+                _check_encodable(field, text)
         return merged
 
     def _check_content_encoding(self) -> None:
@@ -179,7 +185,7 @@ class JsonHandler(web.RequestHandler):
             raise web.HTTPError(400, log_message=f"{name} given more than once")
         return values[0] if values else None
 
-    async def db(self, awaitable_factory):
+    async def db(self, call: Awaitable[T]) -> T:
         """Run a store call with a deadline; an unreachable database is a
         quick 503, not a hang and not a 500. pymongo.timeout bounds the
         driver's own calls; asyncio.timeout also bounds a submit waiting on
@@ -187,7 +193,7 @@ class JsonHandler(web.RequestHandler):
         try:
             async with asyncio.timeout(DB_TIMEOUT):
                 with pymongo.timeout(DB_TIMEOUT):
-                    return await awaitable_factory()
+                    return await call
         except (PyMongoError, TimeoutError) as exc:
             log.warning("database call failed: %s", type(exc).__name__)
             raise DatabaseUnavailable() from None

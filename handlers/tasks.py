@@ -2,45 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-
-from tornado import web
-
+from service.intake.admission import (
+    RETRY_AFTER_CLIENT,
+    RETRY_AFTER_FULL,
+    QueueFull,
+    QuotaExceeded,
+    Verdict,
+    client_address,
+)
+from service.intake.submissions import Submissions
+from service.intake.validation import InvalidInput
+from service.model.task import Task
+from service.model.views import NOT_FOUND, check_view, task_view
 from service.runtime.metrics import SUBMISSIONS
-from service.intake.admission import (RETRY_AFTER_CLIENT, RETRY_AFTER_FULL, QueueFull, QuotaExceeded,
-                           Verdict, client_address)
-from service.storage.store import DONE, FAILED, IdempotencyConflict
-from service.intake.validation import InvalidInput, check_email, check_idempotency_key, check_url
+from service.storage.idempotency import IdempotencyConflict
+from service.storage.records import TaskRecords
 
 from .base import JsonHandler
 
-NOT_FOUND = {"status": "not_found"}
+# Longer than any id this service hands out: not worth a database read.
+MAX_ID_LENGTH = 100
 
 
 class SubmitHandler(JsonHandler):
+    def initialize(self, submissions: Submissions, client_ip_header: str | None) -> None:
+        self.submissions = submissions
+        self.client_ip_header = client_ip_header
+
     async def post(self) -> None:
         args = self.arguments()
-        policy = self.services["policy"]
+        client = client_address(self.request, self.client_ip_header)
         try:
-            url = check_url(self.one(args, "url"), policy)
-            email = check_email(self.one(args, "email"))
-            key = check_idempotency_key(self.request.headers.get("Idempotency-Key"))
+            accepted = await self.db(self.submissions.submit(
+                self.one(args, "url"), self.one(args, "email"),
+                self.request.headers.get("Idempotency-Key"), client))
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
-        store, admission = self.services["store"], self.services["admission"]
-        client = client_address(self.request, self.services["client_ip_header"])
-        verdict: Verdict | None = None
-
-        async def admit() -> int:
-            nonlocal verdict
-            verdict = await admission.admit(client)
-            return verdict.lane
-
-        try:
-            task_id = await self.db(lambda: store.create(
-                url, email, notify=self.services["mail_enabled"], idempotency_key=key,
-                client=client, admit=admit))
         except IdempotencyConflict:
             return self.send(422, {"error": "Idempotency-Key was already used "
                                             "for a different url or email"})
@@ -56,18 +53,10 @@ class SubmitHandler(JsonHandler):
             return self.send(503, {"error": (
                 f"the service is at capacity with {exc.queued} tasks waiting (limit "
                 f"{exc.limit}); try again in a minute")})
-        except web.HTTPError:
-            if verdict is not None:
-                admission.release(client)
-            raise
         SUBMISSIONS.inc()
-        self.services["wake"]()
-        # This task now holds a place; an idempotent retry takes none.
-        standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
-                    if verdict is not None else admission.peek(client))
-        self.rate_limit_headers(standing)
-        self.set_header("Location", f"/check?id={task_id}")
-        self.send(202, {"id": task_id})
+        self.rate_limit_headers(accepted.standing)
+        self.set_header("Location", f"/check?id={accepted.task_id}")
+        self.send(202, {"id": accepted.task_id})
 
     def rate_limit_headers(self, verdict: Verdict, reset: int | None = None) -> None:
         """draft-ietf-httpapi-ratelimit-headers-11: the quota is of
@@ -81,58 +70,35 @@ class SubmitHandler(JsonHandler):
                         + (f";t={reset}" if reset is not None else ""))
 
 
-class CheckHandler(JsonHandler):
+class TaskReader(JsonHandler):
+    """A handler that looks a task up by its id."""
+
+    def initialize(self, records: TaskRecords) -> None:
+        self.records = records
+
+    async def find(self, task_id: str) -> Task | None:
+        if len(task_id) > MAX_ID_LENGTH:
+            return None
+        return await self.db(self.records.get(task_id))
+
+
+class CheckHandler(TaskReader):
     async def get(self) -> None:
-        args = self.arguments()
-        task_id = self.one(args, "id")
+        task_id = self.one(self.arguments(), "id")
         if not task_id:
             return self.send(400, {"error": "id is required"})
-        task = await self._find(task_id)
+        task = await self.find(task_id)
         if task is None:
             return self.send(404, NOT_FOUND)
-        if task["status"] == DONE:
-            return self.send(200, {"md5": task["md5"], "status": "done", "url": task["url"]})
-        if task["status"] == FAILED:
-            return self.send(502, {"status": "failed", "url": task["url"],
-                                   "error": (task.get("error") or {}).get("message")})
-        self.set_header("Retry-After", "1")
-        self.send(202, {"status": "running"})
-
-    async def _find(self, task_id: str) -> dict | None:
-        if len(task_id) > 100:
-            return None
-        store = self.services["store"]
-        return await self.db(lambda: store.get(task_id))
+        status, body = check_view(task)
+        if status == 202:
+            self.set_header("Retry-After", "1")
+        self.send(status, body)
 
 
-class TaskHandler(CheckHandler):
-    async def get(self, task_id: str) -> None:  # type: ignore[override]
-        task = await self._find(task_id)
+class TaskHandler(TaskReader):
+    async def get(self, task_id: str) -> None:
+        task = await self.find(task_id)
         if task is None:
             return self.send(404, NOT_FOUND)
-        self.send(200, public_view(task))
-
-
-def public_view(task: dict) -> dict[str, Any]:
-    """The whole task minus what is private (the email address) or internal."""
-    note = task.get("notification") or {}
-    return {
-        "id": task["_id"], "status": task["status"], "url": task["url"],
-        "md5": task.get("md5"), "error": (task.get("error") or {}).get("message")
-        if task["status"] == FAILED else None,
-        "error_code": (task.get("error") or {}).get("code") if task["status"] == FAILED
-        else None,
-        "bytes_done": task.get("bytes_done", 0), "bytes_total": task.get("bytes_total"),
-        "attempts": task.get("attempts", 0),
-        "created_at": _iso(task.get("created_at")), "started_at": _iso(task.get("started_at")),
-        "finished_at": _iso(task.get("finished_at")),
-        "notification": {"status": note.get("status", "none"),
-                         "attempts": note.get("attempts", 0), "error": note.get("error"),
-                         "sent_at": _iso(note.get("sent_at"))},
-    }
-
-
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    return value.isoformat().replace("+00:00", "Z")
+        self.send(200, task_view(task))

@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -96,7 +97,8 @@ class Config:
                                       "allow fetching from private/loopback addresses",
                                       "--allow-private-urls")
     allow_networks: tuple = _field("ALLOW_NETWORKS", (), parse_list,
-                                   "comma-separated CIDRs allowed despite the private-address block")
+                                   "comma-separated CIDRs allowed despite the "
+                                   "private-address block")
     resolve: tuple = _field("RESOLVE", (), parse_list,
                             "comma-separated HOST=ADDRESS overrides, like curl --resolve")
     max_file_size: int = _field("MAX_FILE_SIZE", 10 * 1024**3, parse_size, "largest file hashed")

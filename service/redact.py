@@ -37,3 +37,11 @@ def scrub_urls(text: str) -> str:
         return text
     text = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text)
     return _TARGET_IN_TEXT.sub(r"\1", text)
+
+
+def redact_email(address: str | None) -> str:
+    """u***@example.com: enough to tell mails apart in a log, no more."""
+    if not address:
+        return "-"
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}"

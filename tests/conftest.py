@@ -3,18 +3,12 @@ and a running md5-light service. Nothing is mocked."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fileserver import ThreadedServer
+from servicectl import Service
 
-from fileserver import ThreadedServer  # noqa: E402
-from servicectl import Service  # noqa: E402
-
-from service.runtime.embedded_db import EmbeddedDatabase  # noqa: E402
+from service.runtime.embedded_db import EmbeddedDatabase
 
 
 @pytest.fixture(scope="session")

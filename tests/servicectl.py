@@ -32,11 +32,12 @@ def free_port() -> int:
 
 class Service:
     def __init__(self, mongo_base: str | None, log_dir: Path, role: str = "all",
-                 db_name: str | None = None, **env: str):
+                 db_name: str | None = None, quick: bool = True, **env: str):
         self.port = free_port()
         self.db_name = db_name or f"t_{uuid.uuid4().hex[:10]}"
         self.env = dict(os.environ)
-        self.env.update(TEST_ENV)
+        if quick:  # short timeouts for tests; benchmarks run the defaults
+            self.env.update(TEST_ENV)
         self.env["PORT"] = str(self.port)
         if mongo_base:
             self.env["MONGODB_URI"] = f"{mongo_base}/{self.db_name}"

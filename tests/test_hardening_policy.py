@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import socket
+import os
 import subprocess
 import sys
 import time
@@ -97,7 +98,6 @@ def test_uncaught_exceptions_are_scrubbed(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(
         "import sys, threading\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from service.runtime import logs\n"
         "logs.setup('INFO', sys.argv[1])\n"
         f"url = 'http://files.test/a.bin?{QUERY}'\n"
@@ -106,8 +106,10 @@ def test_uncaught_exceptions_are_scrubbed(tmp_path):
         "t = threading.Thread(target=boom, name='fetcher'); t.start(); t.join()\n"
         "raise RuntimeError('main failed on ' + url)\n")
     for fmt in ("text", "json"):
+        # PYTHONPATH: a script run by path sees its own folder, not the repo.
         run = subprocess.run([sys.executable, str(script), fmt], capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=60, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert run.returncode == 1
         for secret in _secret_forms():
             assert secret not in run.stderr + run.stdout

@@ -18,26 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
-import socket
-import ssl
 import time
 import urllib.parse
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 from tornado import httputil
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import IOStream, StreamClosedError
-from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
+from tornado.iostream import IOStream
 
-from service.fetch import tornado_hooks as hooks
 from service.config import Config, human_size
+from service.fetch import tornado_hooks as hooks
+from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import Md5Sink
-from service.fetch.netpolicy import (AddressPolicy, BlockedAddress, FilteringResolver, InvalidHostName,
-                        UnresolvableHost, parse_overrides)
-from service.redact import scrub_urls
+from service.fetch.netpolicy import (
+    AddressPolicy,
+    FilteringResolver,
+    parse_overrides,
+)
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -46,20 +44,6 @@ _FOLLOWED = {301, 302, 303, 307, 308}
 MAX_HEADER_SIZE = 64 * 1024
 # How long an aborted fetch may take to wind down before it is given up.
 ABORT_GRACE = 2.0
-
-
-@dataclass
-class FetchError(Exception):
-    code: str
-    message: str
-    transient: bool
-    retry_after: float | None = None
-
-    def __str__(self) -> str:
-        return self.message
-
-    def as_doc(self) -> dict:
-        return {"code": self.code, "message": self.message}
 
 
 def make_client(config: Config) -> AsyncHTTPClient:
@@ -105,7 +89,7 @@ class Download:
         self.sink = Md5Sink(executor)
         self.bytes_done = 0
         self.bytes_total: int | None = None
-        self.error: FetchError | None = None
+        self.error: FetchError | Interrupted | None = None
         # When bytes last arrived (or the download began): /health calls a
         # worker stuck when a download shows no progress for long.
         self.last_progress = time.monotonic()
@@ -124,7 +108,7 @@ class Download:
         if self.error is not None:
             stream.close()
 
-    def abort(self, error: FetchError) -> None:
+    def abort(self, error: FetchError | Interrupted) -> None:
         if self.error is None:
             self.error = error
         if self._stream is not None:
@@ -250,57 +234,15 @@ class Download:
             raise self.error
         if response is None or response.code == 599 or not self._hashing:
             await self.sink.discard()
-            raise self._classify(fetch_exc, response)
+            host = _host(response.effective_url if response and response.effective_url
+                         else self.url)
+            raise classify(fetch_exc, host, self.bytes_done, self.config.connect_timeout)
         if self.bytes_total is not None and self.bytes_done != self.bytes_total:
             await self.sink.discard()
             raise FetchError("truncated", (
                 f"{_host(self.url)} sent {self.bytes_done} bytes but announced "
                 f"{self.bytes_total}"), True)
         return await self.sink.hexdigest()
-
-    def _classify(self, exc: BaseException | None, response: HTTPResponse | None) -> FetchError:
-        host = _host(response.effective_url if response and response.effective_url else self.url)
-        if isinstance(exc, BlockedAddress):
-            return FetchError("blocked", str(exc), False)
-        if isinstance(exc, UnresolvableHost):
-            return FetchError("dns", f"could not resolve host {exc.host}", exc.transient)
-        if isinstance(exc, InvalidHostName):
-            return FetchError("dns", str(exc), False)
-        if isinstance(exc, socket.gaierror):
-            transient = exc.errno in (socket.EAI_AGAIN,)
-            return FetchError("dns", f"could not resolve host {host}", transient)
-        if isinstance(exc, HTTPTimeoutError):
-            return FetchError("timeout", f"timed out connecting to {host} "
-                              f"(CONNECT_TIMEOUT {self.config.connect_timeout:g} s)", True)
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return FetchError("tls", f"TLS certificate of {host} is not valid: "
-                              f"{exc.verify_message}", False)
-        if isinstance(exc, ssl.SSLError):
-            return FetchError("tls", f"TLS handshake with {host} failed: {exc.reason}", False)
-        if isinstance(exc, ConnectionRefusedError):
-            return FetchError("connection", f"connection refused by {host}", True)
-        if isinstance(exc, (HTTPStreamClosedError, StreamClosedError, ConnectionResetError)):
-            got = f" after {self.bytes_done} bytes" if self.bytes_done else ""
-            return FetchError("connection", f"connection to {host} closed{got}", True)
-        if isinstance(exc, (hooks.MalformedResponse, hooks.HeadersTooLarge)):
-            return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
-                              False)
-        if isinstance(exc, httputil.HTTPInputError):
-            return FetchError("bad_response", f"{host} sent a malformed HTTP response: "
-                              f"{scrub_urls(str(exc))}", False)
-        if isinstance(exc, ValueError) and "scheme" in str(exc):
-            return FetchError("redirects", f"redirect to an unsupported URL scheme from {host}",
-                              False)
-        if isinstance(exc, UnicodeError):
-            return FetchError("redirects", f"{host} redirected to a host name that is not "
-                              "valid", False)
-        if isinstance(exc, OSError):
-            transient = exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH)
-            return FetchError("connection", f"could not connect to {host}: "
-                              f"{exc.strerror or exc}", transient)
-        return FetchError("unknown", f"download from {host} failed: {scrub_urls(str(exc))}",
-                          True)
-
 
 def _ignore_outcome(future: asyncio.Future) -> None:
     """A given-up fetch may still end later; nobody is waiting for it then."""

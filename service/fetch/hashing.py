@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable
 from concurrent.futures import Executor
-from typing import Awaitable
 
 BLOCK = 4 * 1024 * 1024
 # Below this the tail is hashed inline: a thread hop costs more than it saves.

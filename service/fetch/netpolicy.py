@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 from tornado.netutil import DefaultLoopResolver, Resolver
 

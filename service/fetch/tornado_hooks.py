@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
-from tornado.simple_httpclient import (HTTPStreamClosedError, SimpleAsyncHTTPClient,
-                                       _HTTPConnection)
+from tornado.simple_httpclient import HTTPStreamClosedError, SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
 
 READ_CHUNK = 512 * 1024

@@ -28,7 +28,8 @@ import time
 import pymongo
 from pymongo.errors import PyMongoError
 
-from service.storage.store import TaskStore, lane_for
+from service.storage.queue_scan import lane_for
+from service.storage.store import Store
 
 log = logging.getLogger("md5light.api")
 
@@ -45,7 +46,7 @@ _SWEEP_ABOVE = 10_000
 class QuotaExceeded(Exception):
     """The client has too many unfinished tasks."""
 
-    def __init__(self, verdict: "Verdict"):
+    def __init__(self, verdict: Verdict):
         super().__init__("per-client limit reached")
         self.verdict = verdict
 
@@ -121,7 +122,7 @@ def client_address(request, header: str | None) -> str:
 
 
 class Admission:
-    def __init__(self, store: TaskStore, per_client: int, max_queued: int):
+    def __init__(self, store: Store, per_client: int, max_queued: int):
         self.store = store
         self.per_client = per_client
         self.max_queued = max_queued
@@ -183,7 +184,7 @@ class Admission:
         count.refreshing = asyncio.get_running_loop().create_future()
         started, added = time.monotonic(), count.added
         try:
-            value = await self.store.pending_of(client)
+            value = await self.store.records.pending_of(client)
             # Tasks admitted while counting may or may not be in the count:
             # keep them, the bound stays an upper bound.
             count.value, count.added = value, count.added - added
@@ -211,7 +212,7 @@ class Admission:
         started, added = time.monotonic(), count.added
         try:
             with pymongo.timeout(QUEUE_COUNT_TIMEOUT):
-                value = await self.store.queued_count()
+                value = await self.store.counters.queued()
             count.value, count.added = value, count.added - added
             count.at, count.cost = started, time.monotonic() - started
         except PyMongoError as exc:

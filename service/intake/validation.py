@@ -78,7 +78,8 @@ def check_idempotency_key(key: str | None) -> str | None:
     if key is None or key == "":
         return None
     if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise InvalidInput(f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+        raise InvalidInput(
+            f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
     if any(ord(c) < 33 or ord(c) > 126 for c in key):
         raise InvalidInput("Idempotency-Key must be printable ASCII without spaces")
     return key

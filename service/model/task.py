@@ -43,7 +43,7 @@ class TaskError:
         return {"code": self.code, "message": self.message}
 
     @classmethod
-    def from_doc(cls, doc: dict | None) -> "TaskError | None":
+    def from_doc(cls, doc: dict | None) -> TaskError | None:
         return None if not doc else cls(doc.get("code", "unknown"), doc.get("message", ""))
 
 
@@ -62,7 +62,7 @@ class Notification:
                 "sent_at": self.sent_at, "next_at": self.next_at, "worker": self.worker}
 
     @classmethod
-    def from_doc(cls, doc: dict | None) -> "Notification":
+    def from_doc(cls, doc: dict | None) -> Notification:
         doc = doc or {}
         return cls(status=NoteStatus(doc.get("status", "none")),
                    attempts=doc.get("attempts", 0), error=doc.get("error"),
@@ -71,7 +71,10 @@ class Notification:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    # Millisecond precision: BSON dates hold no more, and a compare-and-set
+    # must compare equal to what it read back.
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclasses.dataclass
@@ -92,6 +95,9 @@ class Task:
     # whose lease was taken over cannot write over its successor.
     claim: str | None = None
     client: str | None = None
+    # The fairness lane, from how many unfinished tasks its client had
+    # when it was submitted (see storage.queue_scan).
+    lane: int = 0
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
@@ -99,7 +105,7 @@ class Task:
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
-            client: str | None = None) -> "Task":
+            client: str | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
         task = cls(url=url, email=email, client=client, notification=Notification(note))
@@ -116,13 +122,14 @@ class Task:
             "md5": self.md5, "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
-            "claim": self.claim, "client": self.client, "created_at": self.created_at,
+            "claim": self.claim, "client": self.client, "lane": self.lane,
+            "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "notification": self.notification.to_doc(),
         }
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> "Task":
+    def from_doc(cls, doc: dict[str, Any]) -> Task:
         return cls(
             id=doc["_id"], url=doc["url"], email=doc.get("email"),
             status=Status(doc["status"]), md5=doc.get("md5"),
@@ -130,6 +137,7 @@ class Task:
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),
             worker=doc.get("worker"), claim=doc.get("claim"), client=doc.get("client"),
+            lane=doc.get("lane", 0),
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),
             notification=Notification.from_doc(doc.get("notification")))

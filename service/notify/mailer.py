@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import smtplib
-import socket
 import ssl
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.message import EmailMessage
 
 from service.config import Config
+from service.model.task import Status, Task
 
 
 @dataclass
@@ -28,25 +28,25 @@ class MailError(Exception):
         return self.message
 
 
-def build_message(config: Config, task: dict) -> EmailMessage:
+def build_message(config: Config, task: Task) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = config.mail_from
-    msg["To"] = task["email"]
+    msg["To"] = task.email
     msg["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
     domain = config.mail_from.rpartition("@")[2] or "localhost"
     msg["Message-ID"] = email.utils.make_msgid("md5-light", domain=domain)
     # Lets a receiving system see retries of one notification as one mail.
-    msg["X-md5-light-Task"] = task["_id"]
-    url = task["url"]
-    if task["status"] == "done":
-        msg["Subject"] = f"MD5 {task['md5']} for {_short(url)}"
-        body = (f"The file at\n\n  {url}\n\nhas the MD5 checksum\n\n  {task['md5']}\n\n"
-                f"Task: {task['_id']}\n")
+    msg["X-md5-light-Task"] = task.id
+    url = task.url
+    if task.status == Status.DONE:
+        msg["Subject"] = f"MD5 {task.md5} for {_short(url)}"
+        body = (f"The file at\n\n  {url}\n\nhas the MD5 checksum\n\n  {task.md5}\n\n"
+                f"Task: {task.id}\n")
     else:
-        reason = (task.get("error") or {}).get("message", "unknown error")
+        reason = task.error.message if task.error else "unknown error"
         msg["Subject"] = f"MD5 failed for {_short(url)}"
         body = (f"The MD5 of\n\n  {url}\n\ncould not be computed:\n\n  {reason}\n\n"
-                f"Task: {task['_id']}\n")
+                f"Task: {task.id}\n")
     msg.set_content(body, charset="utf-8")
     return msg
 
@@ -64,7 +64,7 @@ class Mailer:
     def enabled(self) -> bool:
         return self.config.mail_enabled
 
-    async def send(self, task: dict) -> None:
+    async def send(self, task: Task) -> None:
         message = build_message(self.config, task)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._send_blocking, message)
@@ -74,13 +74,14 @@ class Mailer:
 
     def _send_blocking(self, message: EmailMessage) -> None:
         cfg = self.config
+        host = cfg.smtp_host or "localhost"  # only called with mail on, so it is set
         try:
             if cfg.smtp_tls == "ssl":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(cfg.smtp_host, cfg.smtp_port,
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, cfg.smtp_port,
                                                       timeout=cfg.smtp_timeout,
                                                       context=self._ssl_context())
             else:
-                smtp = smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.smtp_timeout)
+                smtp = smtplib.SMTP(host, cfg.smtp_port, timeout=cfg.smtp_timeout)
             with smtp:
                 if cfg.smtp_tls == "starttls":
                     smtp.starttls(context=self._ssl_context())
@@ -101,7 +102,7 @@ class Mailer:
         except ssl.SSLError as exc:
             raise MailError(f"TLS with the SMTP server failed: {exc.reason or exc}",
                             False) from None
-        except (smtplib.SMTPException, socket.timeout, OSError) as exc:
+        except (TimeoutError, smtplib.SMTPException, OSError) as exc:
             raise MailError(f"could not reach SMTP server {cfg.smtp_host}:{cfg.smtp_port}: "
                             f"{exc}", False) from None
 

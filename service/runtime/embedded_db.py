@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from service.backoff import Backoff
 from service.runtime.procutil import die_with_parent
 
 log = logging.getLogger("md5light.db")
@@ -28,7 +29,8 @@ URI_FILE = "mongodb.uri"
 # A database that dies sooner than this after its start died "quickly":
 # restarting it at once would only spin.
 QUICK_DEATH = 10.0
-MAX_BACKOFF = 30.0
+# Restarts after quick deaths in a row wait longer each time.
+RESTART_BACKOFF = Backoff(first=1.0, cap=30.0)
 
 
 class StartError(RuntimeError):
@@ -201,7 +203,7 @@ class DatabaseSupervisor:
     def _backoff(self) -> float:
         lived = time.monotonic() - self.database.started_at
         self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH else 0
-        return min(MAX_BACKOFF, 0.5 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
+        return RESTART_BACKOFF.delay(self.quick_deaths)
 
     async def _restart(self) -> bool:
         holder = await asyncio.to_thread(self.database.holder)
@@ -220,6 +222,7 @@ class DatabaseSupervisor:
         finally:
             self._launching = None
         self.on_restart()
-        log.warning("embedded database restarted (pid %d) on %s",
-                    self.database.process.pid, self.database.uri)
+        process = self.database.process
+        log.warning("embedded database restarted (pid %s) on %s",
+                    process.pid if process else "?", self.database.uri)
         return True

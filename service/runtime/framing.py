@@ -144,7 +144,7 @@ async def _drain(sock: socket.socket) -> None:
             chunk = await gen.with_timeout(deadline, stream.read_bytes(65536, partial=True),
                                            quiet_exceptions=StreamClosedError)
             received += len(chunk)
-    except (StreamClosedError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, StreamClosedError, OSError):
         pass
     finally:
         stream.close()

@@ -25,7 +25,7 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname, "logger": record.name,
             "message": scrub_urls(record.getMessage()),
@@ -76,7 +76,7 @@ def _route_uncaught_exceptions() -> None:
             return
         log.error("uncaught exception in thread %s",
                   args.thread.name if args.thread else "?",
-                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+                  exc_info=args.exc_value or True)
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook

@@ -19,11 +19,16 @@ import os
 import time
 from typing import Any
 
-from service.runtime.metrics_dir import ENV
-
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest)
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
+
+from service.runtime.metrics_dir import ENV
 
 TASKS_FINISHED = Counter("md5light_tasks_finished_total",
                          "Tasks that ended, by outcome", ["outcome"])
@@ -53,7 +58,7 @@ class DatabaseGauges:
     """The database's counts for /metrics, read at most once per
     ``interval`` seconds: concurrent scrapes share one read in flight, and
     later ones get its result until it is ``interval`` old. ``store`` is a
-    TaskStore; its recount, when due, runs in the background."""
+    Store; its recount, when due, runs in the background."""
 
     def __init__(self, store: Any, interval: float):
         self.store = store
@@ -77,7 +82,7 @@ class DatabaseGauges:
         import pymongo
         try:
             with pymongo.timeout(DB_GAUGES_TIMEOUT):
-                counts, recount_due = await self.store.task_counts()
+                counts, recount_due = await self.store.counters.read()
         except Exception as exc:  # noqa: BLE001 - the process metrics still get served
             log.warning("database counts for /metrics failed: %s", type(exc).__name__)
             return None
@@ -93,7 +98,7 @@ class DatabaseGauges:
         import pymongo
         try:
             with pymongo.timeout(120.0):
-                if await self.store.reconcile_counts():
+                if await self.store.counters.reconcile():
                     self._read_at = float("-inf")  # the next scrape shows the recount
         except Exception as exc:  # noqa: BLE001 - retried when next due
             log.warning("recounting tasks for /metrics failed: %s", type(exc).__name__)

@@ -17,10 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.backoff import Backoff
 from service.config import Config, to_environ
 from service.runtime.procutil import die_with_parent
 
 log = logging.getLogger("md5light.pool")
+
+# A worker that dies within 10 s of its start is restarted after a growing
+# delay (one that crashes at once must not spin); otherwise at once.
+RESTART_BACKOFF = Backoff(first=1.0, cap=30.0)
 
 RUN_PY = str(Path(__file__).resolve().parents[2] / "run.py")
 
@@ -97,7 +102,7 @@ class WorkerPool:
                 if slot.restart_at == 0.0:
                     lived = now - slot.started
                     slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
-                    delay = min(30.0, 0.5 * 2 ** slot.quick_deaths) if slot.quick_deaths else 0
+                    delay = RESTART_BACKOFF.delay(slot.quick_deaths)
                     slot.restart_at = now + delay
                     log.error("worker process %d (pid %d) exited with %s; restarting in %.1f s",
                               slot.index, proc.pid, proc.returncode, delay)

@@ -18,11 +18,11 @@ from tornado import web
 from service.backoff import Backoff
 from service.config import Config
 from service.runtime import metrics
-from service.runtime.connlimit import LimitedHTTPServer, raise_fd_limit
+from service.runtime.connlimit import LimitedHTTPServer
 from service.runtime.embedded_db import DatabaseSupervisor
 from service.runtime.framing import JsonErrorHTTPServer
 from service.runtime.pool import WorkerPool
-from service.storage.store import TaskStore
+from service.storage.store import Store
 
 log = logging.getLogger("md5light.api")
 
@@ -43,7 +43,7 @@ def make_server(app: web.Application, config: Config, max_body: int) -> ApiServe
                      max_connections_per_client=config.max_connections_per_client)
 
 
-async def wait_for_database(store: TaskStore) -> None:
+async def wait_for_database(store: Store) -> None:
     """Create the indexes, waiting a while for a database still starting."""
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
         try:
@@ -60,7 +60,7 @@ async def wait_for_database(store: TaskStore) -> None:
 class ApiProcess:
     """What the API role runs, started in order and stopped in reverse."""
     config: Config
-    store: TaskStore
+    store: Store
     server: ApiServer
     gauges: metrics.DatabaseGauges
     pool: WorkerPool | None = None
@@ -90,10 +90,10 @@ class ApiProcess:
         await self.server.close_all_connections()
         counts.cancel()
         try:
-            await self.store.flush_counts()
+            await self.store.counters.flush()
         except PyMongoError:
             log.warning("could not record the last queue counts")
-        await self.store.client.close()
+        await self.store.close()
 
     async def _flush_counts(self) -> None:
         """This process's submits into the shared queue counters, once a
@@ -103,7 +103,7 @@ class ApiProcess:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.store.flush_counts()
+                await self.store.counters.flush()
             except PyMongoError:
                 pass
 

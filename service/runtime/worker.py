@@ -15,42 +15,58 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable
+from functools import partial
 
 from pymongo.errors import PyMongoError
 
+from service.backoff import Backoff
 from service.config import Config
-from service.fetch.download import Download, FetchError, make_client
-from service.runtime import metrics
-from service.notify.mailer import Mailer, MailError
+from service.fetch.download import Download, FetchError, Interrupted, make_client
+from service.model.task import Task, TaskError
+from service.notify.mailer import Mailer
 from service.redact import safe_url
-from service.storage.store import NOTE_PENDING, TaskStore, open_store
+from service.runtime import metrics
+from service.runtime.mail_sender import MailSender
+from service.storage.store import Store, open_store
 
 log = logging.getLogger("md5light.worker")
 
-MAX_RETRY_DELAY = 300.0
-loop_time = time.monotonic  # the clock Download.last_progress is read on
 WORKER_NICENESS = 10
 CLAIM_BATCH = 4
+loop_time = time.monotonic  # the clock Download.last_progress is read on
+
+# Waits after failures in a row: of a download (unless the server said how
+# long, with Retry-After), of the database while claiming, and of a result
+# write during an outage.
+DOWNLOAD_RETRY_CAP = 300.0
+CLAIM_BACKOFF = Backoff(first=0.4, cap=5.0)
+WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 
-class LeaseLost(Exception):
-    pass
+class LeaseLost(Interrupted):
+    """Another worker holds the task now: stop, write nothing."""
+
+
+class ShuttingDown(Interrupted):
+    """This worker is stopping: the task goes back to the queue."""
 
 
 class Worker:
-    def __init__(self, config: Config, store: TaskStore, name: str | None = None):
+    def __init__(self, config: Config, store: Store, name: str | None = None):
         self.config = config
         self.store = store
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.client = make_client(config)
         self.hash_executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
                                                 thread_name_prefix="md5")
-        self.mailer = Mailer(config, ThreadPoolExecutor(max_workers=4, thread_name_prefix="smtp"))
-        self.active: dict[str, tuple[dict, Download]] = {}
+        mailer = Mailer(config, ThreadPoolExecutor(max_workers=4, thread_name_prefix="smtp"))
+        self.mail = MailSender(config, store.outbox, mailer, self.name) \
+            if mailer.enabled else None
+        self.download_retry = Backoff(first=config.retry_base, cap=DOWNLOAD_RETRY_CAP)
+        self.active: dict[str, tuple[Task, Download]] = {}
         self.wake = asyncio.Event()
-        self.mail_wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._jobs: set[asyncio.Task] = set()
 
@@ -62,21 +78,22 @@ class Worker:
                      self.name, len(self.active))
             self.stopping.set()
             self.wake.set()
-            self.mail_wake.set()
+            if self.mail:
+                self.mail.wake.set()
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.config.concurrency)
         loops = [asyncio.create_task(self._claim_loop()),
                  asyncio.create_task(self._lease_loop())]
-        if self.mailer.enabled:
-            loops.append(asyncio.create_task(self._mail_loop()))
+        if self.mail:
+            loops.append(asyncio.create_task(self.mail.run(self.stopping)))
         await self.stopping.wait()
         await self._drain()
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         try:
-            await self.store.flush_counts()
+            await self.store.counters.flush()
         except PyMongoError:
             log.warning("worker %s could not record its last queue counts", self.name)
         self.client.close()
@@ -86,8 +103,8 @@ class Worker:
     async def _drain(self) -> None:
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=self.config.drain_seconds)
-        for task, download in list(self.active.values()):
-            download.abort(FetchError("shutdown", "worker shutting down", True))
+        for _, download in list(self.active.values()):
+            download.abort(ShuttingDown("worker shutting down"))
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=10)
 
@@ -98,117 +115,118 @@ class Worker:
         while not self.stopping.is_set():
             self.wake.clear()
             try:
-                while not self.stopping.is_set():
-                    free = self.config.concurrency - len(self.active)
-                    if free <= 0:
-                        break
-                    # A few at a time: a burst of big files then spreads over
-                    # the workers instead of all landing on the first awake.
-                    free = min(free, CLAIM_BATCH)
-                    claimed = await self.store.claim(self.name, free)
-                    for task in claimed:
-                        self._start(task)
-                    if len(claimed) < free:
-                        break
+                await self._claim_while_free()
                 failures = 0
             except PyMongoError as exc:
                 failures += 1
                 log.warning("worker %s cannot reach the database (%s); retrying", self.name,
                             type(exc).__name__)
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
+                await asyncio.sleep(CLAIM_BACKOFF.delay(failures))
                 continue
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
-    def _start(self, task: dict) -> None:
-        download = Download(task["url"], self.config, self.client, self.hash_executor)
-        self.active[task["_id"]] = (task, download)
+    async def _claim_while_free(self) -> None:
+        while not self.stopping.is_set():
+            free = self.config.concurrency - len(self.active)
+            if free <= 0:
+                return
+            # A few at a time: a burst of big files then spreads over the
+            # workers instead of all landing on the first awake.
+            free = min(free, CLAIM_BATCH)
+            claimed = await self.store.queue.claim(self.name, free)
+            for task in claimed:
+                self._start(task)
+            if len(claimed) < free:
+                return
+
+    def _start(self, task: Task) -> None:
+        download = Download(task.url, self.config, self.client, self.hash_executor)
+        self.active[task.id] = (task, download)
         job = asyncio.create_task(self._process(task, download))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
-        log.info("task %s started attempt %d: %s", task["_id"], task["attempts"],
-                 safe_url(task["url"]))
+        log.info("task %s started attempt %d: %s", task.id, task.attempts, safe_url(task.url))
 
-    async def _process(self, task: dict, download: Download) -> None:
-        task_id = task["_id"]
-        if task["attempts"] == 1 and task.get("created_at") and task.get("started_at"):
+    # -- one task -----------------------------------------------------------
+
+    async def _process(self, task: Task, download: Download) -> None:
+        if task.attempts == 1 and task.started_at:
             metrics.QUEUE_WAIT_SECONDS.observe(
-                (task["started_at"] - task["created_at"]).total_seconds())
-        started = asyncio.get_running_loop().time()
+                (task.started_at - task.created_at).total_seconds())
+        started = loop_time()
         try:
             try:
                 md5 = await download.run()
-            except FetchError as exc:
-                metrics.DOWNLOAD_SECONDS.observe(asyncio.get_running_loop().time() - started)
+            finally:
+                metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
                 metrics.BYTES_HASHED.inc(download.bytes_done)
-                await self._on_error(task, download, exc)
-            else:
-                metrics.DOWNLOAD_SECONDS.observe(asyncio.get_running_loop().time() - started)
-                metrics.BYTES_HASHED.inc(download.bytes_done)
-                metrics.TASKS_FINISHED.labels("done").inc()
-                if await self._persist(lambda: self.store.finish(
-                        task, self.name, md5=md5, bytes_done=download.bytes_done,
-                        bytes_total=download.bytes_total)):
-                    log.info("task %s done: md5 %s, %d bytes", task_id, md5,
-                             download.bytes_done)
-                    self._after_finish(task)
+            await self._done(task, download, md5)
         except LeaseLost:
-            log.warning("task %s: lease lost, left to the worker that holds it", task_id)
+            log.warning("task %s: lease lost, left to the worker that holds it", task.id)
+        except ShuttingDown:
+            await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
+                                        TaskError("shutdown", "worker shutting down"),
+                                        count_attempt=False))
+            log.info("task %s returned to the queue (worker shutting down)", task.id)
+        except FetchError as exc:
+            await self._failed_try(task, download, exc)
         except Exception:  # noqa: BLE001 - one task must never take the worker down
-            log.exception("task %s: unexpected error", task_id)
-            await self._persist(lambda: self.store.finish(task, self.name, error={
-                "code": "internal", "message": "internal error while processing the task"}))
+            log.exception("task %s: unexpected error", task.id)
+            await self._persist(partial(self.store.queue.finish, task, self.name, error=TaskError(
+                "internal", "internal error while processing the task")))
         finally:
-            self.active.pop(task_id, None)
+            self.active.pop(task.id, None)
             self.wake.set()
 
-    async def _on_error(self, task: dict, download: Download, exc: FetchError) -> None:
-        task_id = task["_id"]
-        if exc.code == "lease_lost":
-            raise LeaseLost()
-        if exc.code == "shutdown":
-            await self._persist(lambda: self.store.retry_later(task, self.name, 0, exc.as_doc(),
-                                                       count_attempt=False))
-            log.info("task %s returned to the queue (worker shutting down)", task_id)
-            return
-        if exc.transient and task["attempts"] < self.config.max_attempts:
-            delay = exc.retry_after if exc.retry_after is not None else (
-                self.config.retry_base * 2 ** (task["attempts"] - 1))
-            delay = min(delay, MAX_RETRY_DELAY)
-            if await self._persist(lambda: self.store.retry_later(task, self.name, delay,
-                                                          exc.as_doc())):
-                metrics.TASK_RETRIES.labels(exc.code).inc()
-                log.info("task %s attempt %d failed (%s); retrying in %.1f s", task_id,
-                         task["attempts"], exc.message, delay)
-            return
-        if await self._persist(lambda: self.store.finish(task, self.name, error=exc.as_doc(),
-                                                 bytes_done=download.bytes_done,
-                                                 bytes_total=download.bytes_total)):
-            metrics.TASKS_FINISHED.labels("failed").inc()
-            log.info("task %s failed: %s", task_id, exc.message)
+    async def _done(self, task: Task, download: Download, md5: str) -> None:
+        metrics.TASKS_FINISHED.labels("done").inc()
+        if await self._persist(partial(self.store.queue.finish, task, self.name, md5=md5,
+                                       bytes_done=download.bytes_done,
+                                       bytes_total=download.bytes_total)):
+            log.info("task %s done: md5 %s, %d bytes", task.id, md5, download.bytes_done)
             self._after_finish(task)
 
-    def _after_finish(self, task: dict) -> None:
-        if (task.get("notification") or {}).get("status") == NOTE_PENDING:
-            self.mail_wake.set()
+    async def _failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
+        if exc.transient and task.attempts < self.config.max_attempts:
+            delay = exc.retry_after if exc.retry_after is not None else \
+                self.download_retry.delay(task.attempts)
+            delay = min(delay, DOWNLOAD_RETRY_CAP)
+            if await self._persist(partial(self.store.queue.retry_later, task, self.name,
+                                           delay, exc.as_task_error())):
+                metrics.TASK_RETRIES.labels(exc.code).inc()
+                log.info("task %s attempt %d failed (%s); retrying in %.1f s", task.id,
+                         task.attempts, exc.message, delay)
+            return
+        if await self._persist(partial(self.store.queue.finish, task, self.name,
+                                       error=exc.as_task_error(),
+                                       bytes_done=download.bytes_done,
+                                       bytes_total=download.bytes_total)):
+            metrics.TASKS_FINISHED.labels("failed").inc()
+            log.info("task %s failed: %s", task.id, exc.message)
+            self._after_finish(task)
+
+    def _after_finish(self, task: Task) -> None:
+        if task.mail_pending and self.mail:
+            self.mail.wake.set()
 
     async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
         """Write an outcome, waiting out a database outage: the work is done
         and must not be lost to a blip. Gives up when the lease would have
         expired anyway (another worker will redo the task)."""
-        deadline = asyncio.get_running_loop().time() + max(self.config.lease_seconds, 5)
-        delay = 0.2
+        deadline = loop_time() + max(self.config.lease_seconds, 5)
+        failures = 0
         while True:
             try:
                 return await operation()
             except PyMongoError as exc:
-                if asyncio.get_running_loop().time() > deadline:
+                if loop_time() > deadline:
                     log.error("giving up a database write: %s", exc)
                     return False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                failures += 1
+                await asyncio.sleep(WRITE_BACKOFF.delay(failures))
 
     # -- leases and progress ------------------------------------------------
 
@@ -216,17 +234,17 @@ class Worker:
         interval = min(1.0, self.config.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
-            for task_id, (task, download) in list(self.active.items()):
+            for task_id, (_, download) in list(self.active.items()):
                 try:
-                    held = await self.store.renew(task_id, self.name, download.bytes_done,
-                                                  download.bytes_total)
+                    held = await self.store.queue.renew(task_id, self.name, download.bytes_done,
+                                                        download.bytes_total)
                 except PyMongoError:
                     continue
                 if not held:
-                    download.abort(FetchError("lease_lost", "lease lost", False))
+                    download.abort(LeaseLost("lease lost"))
             try:
-                await self.store.heartbeat(self.name, len(self.active), self._stuck())
-                await self.store.flush_counts()
+                await self.store.liveness.heartbeat(self.name, len(self.active), self._stuck())
+                await self.store.counters.flush()
             except PyMongoError:
                 pass
 
@@ -236,54 +254,6 @@ class Worker:
         fault in this worker, which /health then reports."""
         limit = loop_time() - 2 * self.config.idle_timeout
         return sum(1 for _, download in self.active.values() if download.last_progress < limit)
-
-    # -- mail ---------------------------------------------------------------
-
-    async def _mail_loop(self) -> None:
-        lease = self.config.smtp_timeout * 4 + 30
-        while not self.stopping.is_set():
-            self.mail_wake.clear()
-            try:
-                while not self.stopping.is_set():
-                    task = await self.store.claim_notification(self.name, lease)
-                    if task is None:
-                        break
-                    await self._send_mail(task)
-            except PyMongoError:
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                await asyncio.wait_for(self.mail_wake.wait(), self.config.poll_interval * 5)
-            except asyncio.TimeoutError:
-                pass
-
-    async def _send_mail(self, task: dict) -> None:
-        attempts = task["notification"]["attempts"]
-        try:
-            await self.mailer.send(task)
-        except MailError as exc:
-            if exc.permanent or attempts >= self.config.mail_max_attempts:
-                metrics.MAILS.labels("failed").inc()
-                log.warning("task %s: mail to %s failed for good: %s", task["_id"],
-                            redact_email(task["email"]), exc)
-                await self.store.notification_failed(task["_id"], str(exc), None)
-            else:
-                metrics.MAILS.labels("retry").inc()
-                delay = self.config.mail_retry_base * 2 ** (attempts - 1)
-                log.info("task %s: mail attempt %d failed (%s); retrying in %.0f s",
-                         task["_id"], attempts, exc, delay)
-                await self.store.notification_failed(task["_id"], str(exc), delay)
-            return
-        metrics.MAILS.labels("sent").inc()
-        await self.store.notification_sent(task["_id"])
-        log.info("task %s: mail sent to %s", task["_id"], redact_email(task["email"]))
-
-
-def redact_email(address: str | None) -> str:
-    if not address:
-        return "-"
-    local, _, domain = address.partition("@")
-    return f"{local[:1]}***@{domain}"
 
 
 async def main(config: Config) -> None:
@@ -295,7 +265,7 @@ async def main(config: Config) -> None:
         os.nice(WORKER_NICENESS)
     except OSError:
         pass
-    store = open_store(config, config.mongodb_uri)
+    store = open_store(config, str(config.mongodb_uri))
     worker = Worker(config, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -304,7 +274,7 @@ async def main(config: Config) -> None:
     try:
         await worker.run()
     finally:
-        await store.client.close()
+        await store.close()
 
 
 def _watch_wake_pipe(worker: Worker) -> None:

@@ -11,8 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
-from pymongo.errors import (BulkWriteError, ConnectionFailure, DuplicateKeyError,
-                            ExecutionTimeout, WTimeoutError)
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    WTimeoutError,
+)
 
 # Errors that say nothing about the documents: every waiter hears of them
 # (an unreachable database is a 503 for all), with no retry one by one.

@@ -1,0 +1,56 @@
+"""What POST /submit does, apart from speaking HTTP: check the input,
+admit the task under the quotas, store it, wake a worker."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from service.fetch.netpolicy import AddressPolicy
+from service.intake.admission import Admission, Verdict
+from service.intake.validation import check_email, check_idempotency_key, check_url
+from service.model.task import Task
+from service.storage.store import Store
+
+
+@dataclasses.dataclass
+class Accepted:
+    task_id: str
+    # Where the client stands under its quota, this task included.
+    standing: Verdict
+
+
+class Submissions:
+    def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
+                 mail_enabled: bool, wake: Callable[[], None]):
+        self.store = store
+        self.admission = admission
+        self.policy = policy
+        self.mail_enabled = mail_enabled
+        self.wake = wake
+
+    async def submit(self, url: str | None, email: str | None, idempotency_key: str | None,
+                     client: str) -> Accepted:
+        """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
+        QueueFull to refuse the task, or the database's error."""
+        task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
+                        client=client)
+        key = check_idempotency_key(idempotency_key)
+        verdict: Verdict | None = None
+
+        async def admit() -> int:
+            nonlocal verdict
+            verdict = await self.admission.admit(client)
+            return verdict.lane
+
+        try:
+            task_id = await self.store.records.create(task, key, admit)
+        except BaseException:
+            if verdict is not None:
+                self.admission.release(client)  # admitted, but never stored
+            raise
+        self.wake()
+        # A new task now holds a place; an idempotent retry takes none.
+        standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
+                    if verdict is not None else self.admission.peek(client))
+        return Accepted(task_id, standing)

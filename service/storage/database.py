@@ -1,0 +1,89 @@
+"""The MongoDB connection and the collections md5-light keeps in it.
+
+Collections: ``tasks`` (the record and the queue), ``idempotency``
+(Idempotency-Key -> task id, TTL-indexed), ``workers`` (heartbeats for
+/health) and ``stats`` (queue counters for /metrics). ``ensure_indexes``
+creates every index; each is named after the query it serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from service.model.task import Status, utcnow
+
+CLAIM_KEY = [("status", ASCENDING), ("lane", ASCENDING), ("lease_until", ASCENDING)]
+
+
+def after(seconds: float) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=seconds)
+
+
+def connect(uri: str, **kwargs: Any) -> AsyncMongoClient:
+    # tz_aware: datetimes come back as aware UTC, so comparisons and
+    # compare-and-set guards round-trip exactly.
+    options: dict[str, Any] = dict(serverSelectionTimeoutMS=5000, connectTimeoutMS=5000,
+                                   tz_aware=True, appname="md5-light")
+    options.update(kwargs)
+    return AsyncMongoClient(uri, **options)
+
+
+@dataclasses.dataclass
+class Collections:
+    client: AsyncMongoClient
+    db: AsyncDatabase
+    tasks: AsyncCollection
+    idempotency: AsyncCollection
+    workers: AsyncCollection
+    stats: AsyncCollection
+
+    @classmethod
+    def of(cls, client: AsyncMongoClient) -> Collections:
+        db = client.get_default_database("md5light")
+        return cls(client, db, db["tasks"], db["idempotency"], db["workers"], db["stats"])
+
+    async def ping(self) -> None:
+        await self.db.command("ping")
+
+    async def ensure_indexes(self, idempotency_ttl: float, task_ttl_days: float | None) -> None:
+        await self._ensure_claim_index()
+        await self.tasks.create_index([("client", ASCENDING), ("status", ASCENDING)],
+                                      name="client")
+        await self.tasks.create_index([("notification.status", ASCENDING),
+                                       ("notification.next_at", ASCENDING)],
+                                      name="notification_claim")
+        await self.tasks.create_index([("created_at", DESCENDING)], name="history")
+        await self.idempotency.create_index("created_at", name="expiry",
+                                            expireAfterSeconds=int(idempotency_ttl))
+        await self._ensure_retention(task_ttl_days)
+
+    async def _ensure_claim_index(self) -> None:
+        """The claim index gained ``lane``. A database from before that has
+        the old one, and unfinished tasks without a lane, which the claim
+        would never see: put them in lane 0 (once, at the upgrade)."""
+        existing = (await self.tasks.index_information()).get("claim")
+        if existing is not None and [(k, int(v)) for k, v in existing["key"]] != CLAIM_KEY:
+            await self.tasks.drop_index("claim")
+            await self.tasks.update_many(
+                {"status": {"$in": [Status.QUEUED, Status.RUNNING]},
+                 "lane": {"$exists": False}},
+                {"$set": {"lane": 0}})
+        await self.tasks.create_index(CLAIM_KEY, name="claim")
+
+    async def _ensure_retention(self, task_ttl_days: float | None) -> None:
+        """TASK_TTL_DAYS as a TTL index on finished_at: the database deletes
+        finished tasks by itself; unfinished ones (no finished_at) stay."""
+        wanted = None if task_ttl_days is None else int(task_ttl_days * 86400)
+        existing = (await self.tasks.index_information()).get("retention")
+        if existing is not None and existing.get("expireAfterSeconds") != wanted:
+            await self.tasks.drop_index("retention")
+            existing = None
+        if wanted is not None and existing is None:
+            await self.tasks.create_index("finished_at", name="retention",
+                                          expireAfterSeconds=wanted)
