@@ -21,7 +21,7 @@ import requests
 from pymongo import MongoClient
 
 from bench.common import FileServerProcess, Stack, table
-from fileserver import md5_of
+from tests.fileserver import md5_of
 
 
 def plan(files: FileServerProcess, n: int, rng: random.Random) -> list[tuple[str, str | None]]:

@@ -26,7 +26,7 @@ from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, classify
 from service.fetch.hashing import BLOCK, Md5Sink
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
-from service.model.task import Notification, NoteStatus, Status, Task, TaskError
+from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
 from service.notify.mailer import Mailer, MailError
 from service.storage.store import open_store
@@ -232,7 +232,7 @@ def _smtp_error(exc: Exception) -> MailError:
      "SMTP server answered 554 rejected"),
     (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False,
      "could not reach SMTP server 127.0.0.1:1"),
-    (socket.timeout("timed out"), False, "could not reach SMTP server 127.0.0.1:1"),
+    (TimeoutError("timed out"), False, "could not reach SMTP server 127.0.0.1:1"),
 ])
 def test_mail_errors_map_to_permanent_or_retry(exc, permanent, start):
     error = _smtp_error(exc)
