@@ -1,4 +1,4 @@
-"""The API contract of ../shared/design.md, against a running service."""
+"""The API contract of docs/design.md, against a running service."""
 
 from __future__ import annotations
 

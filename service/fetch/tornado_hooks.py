@@ -2,7 +2,7 @@
 
 Tornado's ``SimpleAsyncHTTPClient`` has no public way to do what a
 checksum service needs, so these subclasses override private methods of
-Tornado 6.6 (``tests/test_fetch_unit.py`` fails loudly if an upgrade
+Tornado 6.6 (``tests/test_hardening_fetch.py`` fails loudly if an upgrade
 removes one of them):
 
 - Larger body reads (``params.chunk_size``): at gigabytes a second the

@@ -91,8 +91,9 @@ class Task:
     # Queued: runnable from then on. Running: the worker's lease.
     lease_until: dt.datetime | None = None
     worker: str | None = None
-    # The claim that took it: a fresh token per claim, so that a worker
-    # whose lease was taken over cannot write over its successor.
+    # The token of the batched claim that took a fresh task (tells the
+    # claimer which of its batch it won). Later writes of a running task are
+    # conditioned on the worker's name.
     claim: str | None = None
     client: str | None = None
     # The fairness lane, from how many unfinished tasks its client had
