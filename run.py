@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from service import config as config_mod
 from service.runtime import logs
 
+SERVER_SELECTION_MS = 800
+
 if TYPE_CHECKING:
     from service.runtime.embedded_db import EmbeddedDatabase
 
@@ -92,7 +94,9 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     from service.storage.store import open_store
 
     raise_fd_limit()
-    store = open_store(config, uri, serverSelectionTimeoutMS=2000)
+    # A batched insert (which runs outside any request's deadline) fails
+    # this soon when the database is down, so /submit answers 503 in time.
+    store = open_store(config, uri, serverSelectionTimeoutMS=SERVER_SELECTION_MS)
     await wait_for_database(store)
     pool = WorkerPool(config, uri, workers) if workers else None
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)

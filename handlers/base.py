@@ -25,6 +25,13 @@ DRAIN_CAP = 1024 * 1024
 # deadline bounds it whether the port is closed or the server accepts and
 # never answers; a healthy one answers in milliseconds.
 DB_TIMEOUT = 0.8
+# How long a submit may wait for the batched insert it joined. Under a burst
+# of thousands of submits the embedded database takes over a second per
+# batch, and a 503 then would refuse (and often still store) a task it is
+# about to accept. A dead database still fails the batch within a second:
+# the API's client gives up selecting a server after SERVER_SELECTION_MS
+# (run.py).
+SUBMIT_PATIENCE = 3.0
 
 
 def dumps(value: Any) -> str:
@@ -185,13 +192,13 @@ class JsonHandler(web.RequestHandler):
             raise web.HTTPError(400, log_message=f"{name} given more than once")
         return values[0] if values else None
 
-    async def db(self, call: Awaitable[T]) -> T:
+    async def db(self, call: Awaitable[T], patience: float = DB_TIMEOUT) -> T:
         """Run a store call with a deadline; an unreachable database is a
-        quick 503, not a hang and not a 500. pymongo.timeout bounds the
-        driver's own calls; asyncio.timeout also bounds a submit waiting on
-        an insert batch that another request started."""
+        quick 503, not a hang and not a 500. pymongo.timeout bounds each of
+        the driver's own calls; asyncio.timeout, ``patience``, bounds the
+        whole, a submit waiting on an insert batch included."""
         try:
-            async with asyncio.timeout(DB_TIMEOUT):
+            async with asyncio.timeout(max(patience, DB_TIMEOUT)):
                 with pymongo.timeout(DB_TIMEOUT):
                     return await call
         except (PyMongoError, TimeoutError) as exc:

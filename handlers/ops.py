@@ -22,7 +22,7 @@ class HealthHandler(JsonHandler):
         report: dict = {"database": "ok", "workers": 0}
         stuck: list[str] = []
         try:
-            # One deadline for both calls: an outage answers in DB_TIMEOUT.
+            # One deadline for both calls.
             report["workers"], stuck = await self.db(self._probe())
         except Exception:  # noqa: BLE001 - any failure here means unhealthy
             report["database"] = "unreachable"

@@ -18,7 +18,7 @@ from service.runtime.metrics import SUBMISSIONS
 from service.storage.idempotency import IdempotencyConflict
 from service.storage.records import TaskRecords
 
-from .base import JsonHandler
+from .base import SUBMIT_PATIENCE, JsonHandler
 
 # Longer than any id this service hands out: not worth a database read.
 MAX_ID_LENGTH = 100
@@ -35,7 +35,8 @@ class SubmitHandler(JsonHandler):
         try:
             accepted = await self.db(self.submissions.submit(
                 self.one(args, "url"), self.one(args, "email"),
-                self.request.headers.get("Idempotency-Key"), client))
+                self.request.headers.get("Idempotency-Key"), client),
+                patience=SUBMIT_PATIENCE)
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
         except IdempotencyConflict:
