@@ -18,7 +18,6 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-from service.fetch import tornado_hooks as hooks
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
 from service.model.task import TaskError
 from service.redact import scrub_urls
@@ -69,9 +68,6 @@ def classify(exc: BaseException | None, host: str, bytes_done: int = 0,
     if isinstance(exc, (HTTPStreamClosedError, StreamClosedError, ConnectionResetError)):
         got = f" after {bytes_done} bytes" if bytes_done else ""
         return FetchError("connection", f"connection to {host} closed{got}", True)
-    if isinstance(exc, (hooks.MalformedResponse, hooks.HeadersTooLarge)):
-        return FetchError("bad_response", f"{host} sent a malformed HTTP response: {exc}",
-                          False)
     if isinstance(exc, httputil.HTTPInputError):
         return FetchError("bad_response", f"{host} sent a malformed HTTP response: "
                           f"{scrub_urls(str(exc))}", False)

@@ -2,14 +2,15 @@
 whole queue, and the lane a new task goes to.
 
 Counting a client's unfinished tasks costs about 25 ms on SecantusDB at
-1,000 of them, and counting the queue reads all of it (200 ms at 10,000),
-so neither is asked on every submit. Each count is cached with the number
+1,000 of them, and the queue's size is read from the shared counters
+(storage/counters.py; before their first recount, a count that reads the
+whole queue), so neither is asked on every submit. Each count is cached with the number
 of tasks this process admitted since it was taken: their sum is an upper
 bound (tasks only leave by finishing, which the next count sees), so the
 cached value never lets a client past its cap. A count is taken again
 when it is a couple of seconds old, or at once when the bound reaches
-the cap, at most once a second per client. The counts come from the tasks
-collection itself, so nothing can drift after a crash.
+the cap, at most once a second per client. A client's count comes from
+the tasks collection itself, so it cannot drift after a crash.
 
 With several API processes, each sees the others' submits only at its
 next count: a client spread over N of them may briefly exceed its cap by
@@ -199,9 +200,10 @@ class Admission:
         if not self.max_queued:
             return
         if not self._queued.fresh(time.monotonic(), MAX_AGE) and self._queued_task is None:
-            # In the background: at 100,000 queued a count takes seconds,
-            # which no submit should wait for. Until the first one is in,
-            # only this process's own submits count.
+            # In the background: before the counters' first recount this
+            # reads the whole queue (seconds at 100,000), which no submit
+            # should wait for. Until it is in, only this process's own
+            # submits count.
             self._queued_task = asyncio.get_running_loop().create_task(
                 self._count_queue(), context=contextvars.Context())
         if self._queued.bound >= self.max_queued:

@@ -85,9 +85,10 @@ class TaskCounters:
     async def queued(self) -> int:
         """Queued tasks in all: the counter, or, before the first recount
         has set it, a count that reads the whole queue."""
-        counts, _ = await self.read()
-        if "queued" in counts:
-            return counts["queued"]
+        await self.flush()
+        doc = await self.cols.stats.find_one({"_id": STATS_ID}) or {}
+        if doc.get("reconciled_at") is not None:
+            return max(0, doc.get("queued", 0))
         return await self.cols.tasks.count_documents({"status": Status.QUEUED})
 
     async def reconcile(self) -> bool:
