@@ -6,7 +6,7 @@ Roles:
           MONGODB_URI, the embedded database
   api     only the HTTP API (embedded database too, when MONGODB_URI is unset)
   worker  only a worker process (needs MONGODB_URI)
-  submit  a client: run.py submit URL [--email E] [--wait] (see run.py submit -h)
+  submit  a client: run.py submit URL [--email E] [--sha256] [--expect C] [--wait] (-h)
 """
 
 from __future__ import annotations

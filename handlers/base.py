@@ -151,7 +151,7 @@ class JsonHandler(web.RequestHandler):
                 self._check_content_encoding()
             if body and ctype.split(";")[0].strip().lower() == "application/json":
                 for name, value in _json_members(body).items():
-                    add(name, [value] if value is not None else [])
+                    add(name, value)
             elif body:
                 fields: dict[str, list[bytes]] = {}
                 if not ctype:
@@ -216,9 +216,10 @@ class _Pairs(list):
     """A JSON object as its (name, value) pairs, repeats kept."""
 
 
-def _json_members(body: bytes) -> dict[str, str | None]:
-    """The members of a JSON object body. A repeated name is refused:
-    json.loads alone would keep the last and hide a second url."""
+def _json_members(body: bytes) -> dict[str, list[str]]:
+    """The members of a JSON object body, each a string, a list of strings
+    (``"algorithms": ["sha256", "sha512"]``) or null. A repeated name is
+    refused: json.loads alone would keep the last and hide a second url."""
     try:
         pairs = json.loads(body.decode("utf-8"), object_pairs_hook=_Pairs)
     except RecursionError:
@@ -227,13 +228,17 @@ def _json_members(body: bytes) -> dict[str, str | None]:
         raise ValueError("JSON is nested too deeply") from None
     if not isinstance(pairs, _Pairs):
         raise ValueError("JSON body must be an object")
-    members: dict[str, str | None] = {}
+    members: dict[str, list[str]] = {}
     for name, value in pairs:
         if name in members:
             raise web.HTTPError(400, log_message=f"{name} given more than once")
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be a string")
-        members[name] = value
+        if (isinstance(value, list) and not isinstance(value, _Pairs)
+                and all(isinstance(v, str) for v in value)):
+            members[name] = value
+        elif value is None or isinstance(value, str):
+            members[name] = [value] if value is not None else []
+        else:
+            raise ValueError(f"{name} must be a string or a list of strings")
     return members
 
 

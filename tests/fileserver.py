@@ -5,6 +5,7 @@ so a test computes the expected md5 with hashlib over the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import random
@@ -194,6 +195,40 @@ def gzip_body(size: int) -> bytes:
     return gzip.compress(b"hello md5-light\n" * (size // 16), mtime=0)
 
 
+class ClaimsHandler(_Base):
+    """/bytes/<size> with the digest header a test names, the way servers
+    write it: ?header=repr|content|digest|content-md5|etag (alg= for the
+    first three: RFC 9530's sha-256, sha-512, md5). wrong=1 claims the
+    digest of other bytes; corrupt=<key>:<n> flips a byte of the body in
+    the first n requests for key. Remembers the Want-Repr-Digest it got."""
+
+    seen_want: list[str] = []
+    counts: dict[str, int] = {}
+
+    def get(self, size: str) -> None:
+        data = body(int(size), self.seed())
+        self.seen_want.append(self.request.headers.get("Want-Repr-Digest", ""))
+        claimed = data + b"!" if self.get_argument("wrong", None) else data
+        header = self.get_argument("header")
+        name = self.get_argument("alg", "sha-256")
+        raw = hashlib.new(name.replace("-", ""), claimed).digest()
+        b64 = base64.b64encode(raw).decode()
+        if header in ("repr", "content"):
+            self.set_header(f"{header.title()}-Digest", f"{name}=:{b64}:")
+        elif header == "digest":
+            self.set_header("Digest", f"{name.upper()}={b64}")
+        elif header == "content-md5":
+            self.set_header("Content-MD5", base64.b64encode(hashlib.md5(claimed).digest()))
+        elif header == "etag":
+            self.set_header("ETag", f'"{hashlib.md5(claimed).hexdigest()}"')
+        key, _, n = self.get_argument("corrupt", ":0").partition(":")
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        if count <= int(n) and data:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        self.set_header("Content-Length", str(len(data)))
+        self.finish(data)
+
+
 def make_app() -> web.Application:
     return web.Application([
         (r"/bytes/(\d+)", BytesHandler),
@@ -209,6 +244,7 @@ def make_app() -> web.Application:
         (r"/stall", StallHandler),
         (r"/endless", EndlessHandler),
         (r"/gzip/(\d+)", GzipHandler),
+        (r"/claims/(\d+)", ClaimsHandler),
     ])
 
 

@@ -24,7 +24,8 @@ from service import config as config_mod
 from service.backoff import Backoff
 from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, classify
-from service.fetch.hashing import BLOCK, Md5Sink
+from service.fetch.hashing import BLOCK, DigestSink
+from service.model.digests import ALGORITHMS, Checksum, ServerDigest
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
 from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
@@ -140,14 +141,30 @@ def test_config_round_trips_through_the_environment():
 # -- the task model -----------------------------------------------------------
 
 def test_task_document_round_trip():
-    task = Task.new("http://h.test/f", "u@example.com", mail_enabled=True, client="1.2.3.4")
+    task = Task.new("http://h.test/f", "u@example.com", mail_enabled=True, client="1.2.3.4",
+                    algorithms=["md5", "sha256"], expected=Checksum("sha256", "ab" * 32))
     task.status, task.md5, task.attempts = Status.DONE, "d41d8cd98f00b204e9800998ecf8427e", 2
+    task.digests = {"md5": task.md5, "sha256": "ab" * 32}
+    task.verified = True
+    task.server_digest = ServerDigest("md5", task.md5, "Content-MD5", True)
     task.error = TaskError("timeout", "no data")
     task.finished_at = task.created_at + dt.timedelta(seconds=3)
     doc = task.to_doc()
     assert doc["_id"] == task.id and doc["status"] == "done"
     assert doc["notification"]["status"] == "pending"
+    assert doc["expected"] == {"algorithm": "sha256", "hex": "ab" * 32}
     assert Task.from_doc(doc) == task
+
+
+def test_a_document_from_before_digests_reads_as_an_md5_task():
+    task = Task.new("http://h.test/f", None, mail_enabled=False)
+    doc = task.to_doc()
+    for name in ("algorithms", "digests", "expected", "verified", "server_digest"):
+        del doc[name]
+    doc.update(status="done", md5="d41d8cd98f00b204e9800998ecf8427e")
+    old = Task.from_doc(doc)
+    assert old.algorithms == ["md5"] and old.digests == {"md5": doc["md5"]}
+    assert check_view(old) == (200, {"md5": doc["md5"], "status": "done", "url": task.url})
 
 
 def test_new_task_notification_status():
@@ -179,21 +196,32 @@ def test_old_documents_without_new_fields_still_load():
 
 @pytest.mark.parametrize("sizes", [[0], [1], [BLOCK - 1, 1], [BLOCK, BLOCK, 7],
                                    [3 * BLOCK + 5], [1000] * 9000])
-def test_md5_sink_matches_hashlib(sizes):
+@pytest.mark.parametrize("algorithms", [["md5"], list(ALGORITHMS)])
+def test_digest_sink_matches_hashlib(sizes, algorithms):
     chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
 
     async def run(executor):
-        sink = Md5Sink(executor)
+        sink = DigestSink(algorithms, executor)
         for chunk in chunks:
             waiter = sink.feed(chunk)
             if waiter is not None:
                 await waiter
-        return await sink.hexdigest()
+        return await sink.hexdigests()
 
-    expected = hashlib.md5(b"".join(chunks)).hexdigest()
+    data = b"".join(chunks)
+    expected = {a: hashlib.new(a, data).hexdigest() for a in algorithms}
     assert asyncio.run(run(None)) == expected
     with ThreadPoolExecutor(2) as pool:
         assert asyncio.run(run(pool)) == expected
+
+
+def test_digest_sink_takes_a_digest_only_before_the_first_byte():
+    sink = DigestSink(["md5"], None)
+    sink.add("sha256")
+    sink.feed(b"abc")
+    with pytest.raises(RuntimeError):
+        sink.add("sha1")
+    assert asyncio.run(sink.hexdigests())["sha256"] == hashlib.sha256(b"abc").hexdigest()
 
 
 # -- mail error mapping -------------------------------------------------------
@@ -279,8 +307,8 @@ def test_two_claimers_one_task(mongo):
                 assert stored.attempts == 1
                 loser = b if winner == "A" else a
                 assert not await loser.queue.finish(stored, "B" if winner == "A" else "A",
-                                                    md5="x")
-                assert await a.queue.finish(stored, winner, md5="y")
+                                                    digests={"md5": "x"})
+                assert await a.queue.finish(stored, winner, digests={"md5": "y"})
         finally:
             await a.close()
             await b.close()

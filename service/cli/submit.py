@@ -1,10 +1,14 @@
 """``run.py submit``: a command-line client for people.
 
-    python run.py submit URL [--email E] [--wait] [--server http://127.0.0.1:8000]
+    python run.py submit URL [--email E] [--sha256 ...] [--expect sha256:HEX] [--wait]
+                             [--server http://127.0.0.1:8000]
 
 Prints the task id; with --wait, shows progress (bytes of total, rate,
-ETA) until it prints the md5 or the failure. Exit status: 0 done (or
-submitted, without --wait), 1 failed, 2 bad input, 3 service unreachable.
+ETA) until it prints the checksums (``md5sum``'s line for md5 alone, else
+``sha256sum --tag``'s, one per algorithm) or the failure; with --expect,
+then ``URL: OK`` or ``URL: FAILED`` as ``sha256sum -c`` does. Exit status:
+0 done (or submitted, without --wait), 1 failed or mismatch, 2 bad input,
+3 service unreachable.
 Only the standard library, so it runs anywhere Python does.
 """
 
@@ -61,6 +65,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("url")
     parser.add_argument("--email", help="mail the result here")
     parser.add_argument("--wait", action="store_true", help="wait and show progress")
+    for name in ("sha1", "sha256", "sha512", "blake2b"):
+        parser.add_argument(f"--{name}", action="append_const", const=name, dest="algorithms",
+                            help=f"compute {name} too (md5 always is)")
+    parser.add_argument("--expect", metavar="CHECKSUM",
+                        help="verify: sha256:HEX, sha-256=HEX or sha256-BASE64 (implies --wait)")
     parser.add_argument("--server", default=os.environ.get(
         "MD5LIGHT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
         help="the service (env MD5LIGHT_URL, default http://127.0.0.1:$PORT or :8000)")
@@ -69,6 +78,11 @@ def main(argv: list[str]) -> int:
     data = {"url": args.url}
     if args.email:
         data["email"] = args.email
+    if args.algorithms:
+        data["algorithms"] = ",".join(args.algorithms)
+    if args.expect:
+        data["expected"] = args.expect
+        args.wait = True
     try:
         code, doc = _call("POST", server + "/submit", data)
     except (urllib.error.URLError, OSError) as exc:
@@ -105,8 +119,21 @@ def main(argv: list[str]) -> int:
         time.sleep(0.5)
     if tty:
         print(file=sys.stderr)
+    return report(task)
+
+
+def report(task: dict) -> int:
+    """The result as the coreutils tools print theirs; the exit status."""
+    digests = task.get("digests") or {"md5": task.get("md5")}
+    if task["status"] == "done" or task.get("verified") is False:
+        if list(digests) == ["md5"]:
+            print(f"{digests['md5']}  {task['url']}")
+        else:
+            for algorithm, value in digests.items():
+                print(f"{algorithm.upper()} ({task['url']}) = {value}")
+    if task.get("expected"):
+        print(f"{task['url']}: {'OK' if task.get('verified') else 'FAILED'}")
     if task["status"] == "done":
-        print(f"{task['md5']}  {task['url']}")
         return EXIT_DONE
     print(f"failed: {task['error']}", file=sys.stderr)
     return EXIT_FAILED

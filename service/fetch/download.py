@@ -1,8 +1,9 @@
 """Download a URL and hash it as it streams, within limits.
 
-The md5 is of the bytes the server sends after redirects, exactly what
+The digests are of the bytes the server sends after redirects, exactly what
 ``curl -sL URL | md5sum`` sees: identity encoding is requested and nothing
-is decompressed. Error pages are never hashed.
+is decompressed. Error pages are never hashed. A digest the server states
+in its headers is checked against them (``server_claims``).
 
 Tornado's fetch has no cancel API and its ``request_timeout`` bounds the
 whole download, which is wrong for big files. So each download watches its
@@ -17,6 +18,7 @@ or the HTTP client does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import time
 import urllib.parse
@@ -28,14 +30,17 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream
 
 from service.config import Config, human_size
+from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, Interrupted, classify
-from service.fetch.hashing import Md5Sink
+from service.fetch.hashing import DigestSink
 from service.fetch.netpolicy import (
     AddressPolicy,
     FilteringResolver,
     parse_overrides,
 )
+from service.fetch.server_claims import Claim
+from service.model.digests import ALWAYS, ServerDigest
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -78,15 +83,25 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+@dataclasses.dataclass
+class Fetched:
+    """What a download produced: the digests asked for, by algorithm, and
+    the server's own claim checked against them."""
+    digests: dict[str, str]
+    server: ServerDigest | None = None
+
+
 class Download:
-    """One fetch of one URL into an md5."""
+    """One fetch of one URL into its digests."""
 
     def __init__(self, url: str, config: Config, client: AsyncHTTPClient,
-                 executor: Executor | None):
+                 executor: Executor | None, algorithms: list[str] | None = None):
         self.url = url
         self.config = config
         self.client = client
-        self.sink = Md5Sink(executor)
+        self.algorithms = list(algorithms or [ALWAYS])
+        self.sink = DigestSink(self.algorithms, executor)
+        self.claim: Claim | None = None
         self.bytes_done = 0
         self.bytes_total: int | None = None
         self.error: FetchError | Interrupted | None = None
@@ -179,6 +194,10 @@ class Download:
                 self.abort(self._too_large())
                 return
             self.bytes_total = total
+        self.claim = server_claims.pick(server_claims.claims(self._headers),
+                                        self.sink.algorithms)
+        if self.claim is not None:
+            self.sink.add(self.claim.checksum.algorithm)
         self._hashing = True
 
     def _on_chunk(self, chunk: bytes):
@@ -197,11 +216,12 @@ class Download:
 
     # -- the fetch --------------------------------------------------------
 
-    async def run(self) -> str:
-        """The md5 hex digest of the body, or FetchError."""
+    async def run(self) -> Fetched:
+        """The digests of the body, or FetchError."""
         request = HTTPRequest(
             self.url, method="GET",
-            headers={"Accept-Encoding": "identity", "Accept": "*/*"},
+            headers={"Accept-Encoding": "identity", "Accept": "*/*",
+                     "Want-Repr-Digest": server_claims.WANT_REPR_DIGEST},
             user_agent=USER_AGENT, follow_redirects=True,
             max_redirects=self.config.max_redirects,
             decompress_response=False,
@@ -242,7 +262,19 @@ class Download:
             raise FetchError("truncated", (
                 f"{_host(self.url)} sent {self.bytes_done} bytes but announced "
                 f"{self.bytes_total}"), True)
-        return await self.sink.hexdigest()
+        return self._checked(await self.sink.hexdigests())
+
+    def _checked(self, digests: dict[str, str]) -> Fetched:
+        fetched = Fetched({a: digests[a] for a in self.algorithms})
+        if self.claim is None:
+            return fetched
+        fetched.server = server = server_claims.compare(self.claim, digests)
+        if not server.match and self.claim.binding:
+            raise FetchError("corrupted", server=server, transient=True, message=(
+                f"the transfer from {_host(self.url)} was corrupted: its {server.header} "
+                f"header says {server.algorithm} {server.value}, but the "
+                f"{self.bytes_done} bytes received hash to {digests[server.algorithm]}"))
+        return fetched
 
 def _ignore_outcome(future: asyncio.Future) -> None:
     """A given-up fetch may still end later; nobody is waiting for it then."""

@@ -19,6 +19,7 @@ from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
+from service.model.digests import ServerDigest
 from service.model.task import TaskError
 from service.redact import scrub_urls
 
@@ -34,6 +35,8 @@ class FetchError(Exception):
     message: str
     transient: bool
     retry_after: float | None = None
+    # A corrupted transfer: the server's digest that the bytes did not match.
+    server: ServerDigest | None = None
 
     def __str__(self) -> str:
         return self.message

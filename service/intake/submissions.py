@@ -8,7 +8,12 @@ from collections.abc import Callable
 
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission, Verdict
-from service.intake.validation import check_email, check_idempotency_key, check_url
+from service.intake.validation import (
+    check_digests,
+    check_email,
+    check_idempotency_key,
+    check_url,
+)
 from service.model.task import Task
 from service.storage.store import Store
 
@@ -30,11 +35,13 @@ class Submissions:
         self.wake = wake
 
     async def submit(self, url: str | None, email: str | None, idempotency_key: str | None,
-                     client: str) -> Accepted:
+                     client: str, algorithms: list[str] | None = None,
+                     expected: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
+        wanted, checksum = check_digests(algorithms or [], expected)
         task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
-                        client=client)
+                        client=client, algorithms=wanted, expected=checksum)
         key = check_idempotency_key(idempotency_key)
         verdict: Verdict | None = None
 

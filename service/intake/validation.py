@@ -8,10 +8,12 @@ import urllib.parse
 from email_validator import EmailNotValidError, validate_email
 
 from service.fetch.netpolicy import AddressPolicy, parse_ip_literal
+from service.model.digests import Checksum, DigestSpecError, parse_algorithms, parse_expected
 
 MAX_URL_LENGTH = 2048
 MAX_EMAIL_LENGTH = 254
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_EXPECTED_LENGTH = 300
 
 
 class InvalidInput(ValueError):
@@ -83,3 +85,25 @@ def check_idempotency_key(key: str | None) -> str | None:
     if any(ord(c) < 33 or ord(c) > 126 for c in key):
         raise InvalidInput("Idempotency-Key must be printable ASCII without spaces")
     return key
+
+
+def check_digests(algorithms: list[str], expected: str | None) -> tuple[list[str],
+                                                                      Checksum | None]:
+    """The algorithms to compute and the checksum to verify; the expected
+    checksum's algorithm is computed whether or not it was listed."""
+    checksum = None
+    if expected is not None and expected.strip():
+        if len(expected) > MAX_EXPECTED_LENGTH:
+            raise InvalidInput(f"expected is longer than {MAX_EXPECTED_LENGTH} characters")
+        _no_controls("expected", expected)
+        try:
+            checksum = parse_expected(expected)
+        except DigestSpecError as exc:
+            raise InvalidInput(f"expected: {exc}") from None
+    for value in algorithms:
+        _no_controls("algorithms", value)
+    try:
+        wanted = parse_algorithms(algorithms + ([checksum.algorithm] if checksum else []))
+    except DigestSpecError as exc:
+        raise InvalidInput(f"algorithms: {exc}") from None
+    return wanted, checksum

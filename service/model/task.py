@@ -13,6 +13,8 @@ import enum
 import uuid
 from typing import Any
 
+from service.model.digests import ALWAYS, Checksum, ServerDigest
+
 
 class Status(enum.StrEnum):
     QUEUED = "queued"
@@ -84,6 +86,13 @@ class Task:
     id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
     status: Status = Status.QUEUED
     md5: str | None = None
+    # What to compute (md5 always among them) and, once hashed, the results.
+    algorithms: list[str] = dataclasses.field(default_factory=lambda: [ALWAYS])
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The checksum the user expects; verified once the file is hashed.
+    expected: Checksum | None = None
+    verified: bool | None = None
+    server_digest: ServerDigest | None = None
     error: TaskError | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -106,10 +115,12 @@ class Task:
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
-            client: str | None = None) -> Task:
+            client: str | None = None, algorithms: list[str] | None = None,
+            expected: Checksum | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
-        task = cls(url=url, email=email, client=client, notification=Notification(note))
+        task = cls(url=url, email=email, client=client, notification=Notification(note),
+                   algorithms=list(algorithms or [ALWAYS]), expected=expected)
         task.lease_until = task.created_at
         return task
 
@@ -120,7 +131,11 @@ class Task:
     def to_doc(self) -> dict[str, Any]:
         return {
             "_id": self.id, "url": self.url, "email": self.email, "status": str(self.status),
-            "md5": self.md5, "error": self.error.to_doc() if self.error else None,
+            "md5": self.md5, "algorithms": self.algorithms, "digests": self.digests,
+            "expected": self.expected.to_doc() if self.expected else None,
+            "verified": self.verified,
+            "server_digest": self.server_digest.to_doc() if self.server_digest else None,
+            "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
             "claim": self.claim, "client": self.client, "lane": self.lane,
@@ -134,6 +149,12 @@ class Task:
         return cls(
             id=doc["_id"], url=doc["url"], email=doc.get("email"),
             status=Status(doc["status"]), md5=doc.get("md5"),
+            # Tasks stored before digests existed asked for md5 alone.
+            algorithms=doc.get("algorithms") or [ALWAYS],
+            digests=doc["digests"] if "digests" in doc
+            else {ALWAYS: doc["md5"]} if doc.get("md5") else {},
+            expected=Checksum.from_doc(doc.get("expected")), verified=doc.get("verified"),
+            server_digest=ServerDigest.from_doc(doc.get("server_digest")),
             error=TaskError.from_doc(doc.get("error")),
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),

@@ -14,11 +14,21 @@ NOT_FOUND = {"status": "not_found"}
 
 def check_view(task: Task) -> tuple[int, dict[str, Any]]:
     """The HTTP status and body of GET /check for this task."""
+    body: dict[str, Any]
     if task.status == Status.DONE:
-        return 200, {"md5": task.md5, "status": "done", "url": task.url}
+        body = {"md5": task.md5, "status": "done", "url": task.url}
+        others = {a: h for a, h in task.digests.items() if a != "md5"}
+        if others:
+            body["digests"] = others
+        if task.expected is not None:
+            body["verified"] = task.verified
+        return 200, body
     if task.status == Status.FAILED:
-        return 502, {"status": "failed", "url": task.url,
-                     "error": task.error.message if task.error else None}
+        body = {"status": "failed", "url": task.url,
+                "error": task.error.message if task.error else None}
+        if task.verified is False:
+            body["verified"] = False
+        return 502, body
     return 202, {"status": "running"}
 
 
@@ -27,6 +37,9 @@ def task_view(task: Task) -> dict[str, Any]:
     note = task.notification
     return {
         "id": task.id, "status": str(task.status), "url": task.url, "md5": task.md5,
+        "algorithms": task.algorithms, "digests": task.digests,
+        "expected": str(task.expected) if task.expected else None, "verified": task.verified,
+        "server_digest": task.server_digest.to_doc() if task.server_digest else None,
         "error": task.error.message if failed and task.error else None,
         "error_code": task.error.code if failed and task.error else None,
         "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,

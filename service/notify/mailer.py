@@ -37,18 +37,35 @@ def build_message(config: Config, task: Task) -> EmailMessage:
     msg["Message-ID"] = email.utils.make_msgid("md5-light", domain=domain)
     # Lets a receiving system see retries of one notification as one mail.
     msg["X-md5-light-Task"] = task.id
-    url = task.url
-    if task.status == Status.DONE:
-        msg["Subject"] = f"MD5 {task.md5} for {_short(url)}"
-        body = (f"The file at\n\n  {url}\n\nhas the MD5 checksum\n\n  {task.md5}\n\n"
-                f"Task: {task.id}\n")
-    else:
-        reason = task.error.message if task.error else "unknown error"
-        msg["Subject"] = f"MD5 failed for {_short(url)}"
-        body = (f"The MD5 of\n\n  {url}\n\ncould not be computed:\n\n  {reason}\n\n"
-                f"Task: {task.id}\n")
-    msg.set_content(body, charset="utf-8")
+    subject, body = _subject_and_body(task)
+    msg["Subject"] = subject
+    msg.set_content(body + f"\nTask: {task.id}\n", charset="utf-8")
     return msg
+
+
+def _subject_and_body(task: Task) -> tuple[str, str]:
+    url, short = task.url, _short(task.url)
+    if task.status == Status.DONE and task.digests.keys() <= {"md5"} and not task.expected:
+        return (f"MD5 {task.md5} for {short}",
+                f"The file at\n\n  {url}\n\nhas the MD5 checksum\n\n  {task.md5}\n")
+    if task.status == Status.DONE:
+        verdict = (f"It matches the expected {task.expected.algorithm} checksum.\n"
+                   if task.expected else "")
+        subject = f"Verified {short}" if task.expected else f"Checksums for {short}"
+        return subject, (f"The file at\n\n  {url}\n\nhas the checksums\n\n"
+                         f"{_digest_lines(task.digests)}\n{verdict}")
+    reason = task.error.message if task.error else "unknown error"
+    if task.verified is False and task.expected:
+        return (f"Checksum MISMATCH for {short}",
+                f"The file at\n\n  {url}\n\ndoes NOT match the expected checksum:\n\n"
+                f"  expected {task.expected}\n\nWhat was downloaded has the checksums\n\n"
+                f"{_digest_lines(task.digests)}")
+    return (f"MD5 failed for {short}",
+            f"The MD5 of\n\n  {url}\n\ncould not be computed:\n\n  {reason}\n")
+
+
+def _digest_lines(digests: dict[str, str]) -> str:
+    return "".join(f"  {algorithm:<8} {value}\n" for algorithm, value in digests.items())
 
 
 def _short(url: str, limit: int = 120) -> str:

@@ -23,7 +23,8 @@ from pymongo.errors import PyMongoError
 
 from service.backoff import Backoff
 from service.config import Config
-from service.fetch.download import Download, FetchError, Interrupted, make_client
+from service.fetch.download import Download, Fetched, FetchError, Interrupted, make_client
+from service.model.digests import mismatch
 from service.model.task import Task, TaskError
 from service.notify.mailer import Mailer
 from service.redact import safe_url
@@ -143,7 +144,8 @@ class Worker:
                 return
 
     def _start(self, task: Task) -> None:
-        download = Download(task.url, self.config, self.client, self.hash_executor)
+        download = Download(task.url, self.config, self.client, self.hash_executor,
+                            task.algorithms)
         self.active[task.id] = (task, download)
         job = asyncio.create_task(self._process(task, download))
         self._jobs.add(job)
@@ -159,11 +161,11 @@ class Worker:
         started = loop_time()
         try:
             try:
-                md5 = await download.run()
+                fetched = await download.run()
             finally:
                 metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
                 metrics.BYTES_HASHED.inc(download.bytes_done)
-            await self._done(task, download, md5)
+            await self._done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
         except ShuttingDown:
@@ -181,12 +183,18 @@ class Worker:
             self.active.pop(task.id, None)
             self.wake.set()
 
-    async def _done(self, task: Task, download: Download, md5: str) -> None:
-        metrics.TASKS_FINISHED.labels("done").inc()
-        if await self._persist(partial(self.store.queue.finish, task, self.name, md5=md5,
-                                       bytes_done=download.bytes_done,
-                                       bytes_total=download.bytes_total)):
-            log.info("task %s done: md5 %s, %d bytes", task.id, md5, download.bytes_done)
+    async def _done(self, task: Task, download: Download, fetched: Fetched) -> None:
+        # A file that is not the expected one will not change on a retry.
+        wrong = mismatch(task.expected, fetched.digests) if task.expected else None
+        error = TaskError("mismatch", wrong) if wrong else None
+        if await self._persist(partial(
+                self.store.queue.finish, task, self.name, digests=fetched.digests,
+                error=error, verified=None if task.expected is None else not wrong,
+                server_digest=fetched.server, bytes_done=download.bytes_done,
+                bytes_total=download.bytes_total)):
+            metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
+            log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
+                     fetched.digests["md5"], download.bytes_done)
             self._after_finish(task)
 
     async def _failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
@@ -201,7 +209,7 @@ class Worker:
                          task.attempts, exc.message, delay)
             return
         if await self._persist(partial(self.store.queue.finish, task, self.name,
-                                       error=exc.as_task_error(),
+                                       error=exc.as_task_error(), server_digest=exc.server,
                                        bytes_done=download.bytes_done,
                                        bytes_total=download.bytes_total)):
             metrics.TASKS_FINISHED.labels("failed").inc()

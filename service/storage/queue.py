@@ -22,6 +22,7 @@ from typing import Any
 
 from pymongo import ASCENDING
 
+from service.model.digests import ServerDigest
 from service.model.task import NoteStatus, Status, Task, TaskError
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, after, utcnow
@@ -157,13 +158,22 @@ class TaskQueue:
 
     # -- ending it --------------------------------------------------------
 
-    async def finish(self, task: Task, worker: str, md5: str | None = None,
+    async def finish(self, task: Task, worker: str, digests: dict[str, str] | None = None,
                      error: TaskError | None = None, bytes_done: int | None = None,
-                     bytes_total: int | None = None) -> bool:
-        """Done with ``md5``, or failed with ``error``; False when the task
-        is no longer this worker's."""
-        status = Status.DONE if md5 else Status.FAILED
-        fields = _finish_fields(task, utcnow(), status, md5=md5, error=error)
+                     bytes_total: int | None = None, verified: bool | None = None,
+                     server_digest: ServerDigest | None = None) -> bool:
+        """Done with ``digests``, or failed with ``error`` (a file that is not
+        the expected one has both); False when the task is no longer this
+        worker's."""
+        status = Status.FAILED if error is not None or not digests else Status.DONE
+        fields = _finish_fields(task, utcnow(), status, error=error)
+        if digests:
+            fields["digests"] = digests
+            fields["md5"] = digests.get("md5") if status == Status.DONE else None
+        if verified is not None:
+            fields["verified"] = verified
+        if server_digest is not None:
+            fields["server_digest"] = server_digest.to_doc()
         if bytes_done is not None:
             fields["bytes_done"] = bytes_done
             fields["bytes_total"] = bytes_total
@@ -186,9 +196,9 @@ class TaskQueue:
         return bool(result.modified_count)
 
 
-def _finish_fields(task: Task, now: dt.datetime, status: Status, md5: str | None = None,
+def _finish_fields(task: Task, now: dt.datetime, status: Status,
                    error: TaskError | None = None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"status": str(status), "md5": md5,
+    fields: dict[str, Any] = {"status": str(status), "md5": None,
                               "error": error.to_doc() if error else None,
                               "finished_at": now, "lease_until": None}
     if task.notification.status == NoteStatus.PENDING:

@@ -1,0 +1,160 @@
+"""Digest algorithms, and the checksums people write down for files.
+
+Users name algorithms as hashlib does (``sha256``), as aria2 and RFC 9530
+do (``sha-256``) or as Subresource Integrity does; every spelling ends as
+one canonical name here. An expected checksum comes in the forms people
+copy from download pages: ``sha256:<hex>`` (Nix, Docker, PyPI's JSON),
+``sha-256=<hex>`` (aria2's ``--checksum``) and SRI's ``sha256-<base64>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+# Canonical names, in the order they are shown, and their digest sizes.
+DIGEST_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64, "blake2b": 64}
+ALGORITHMS = tuple(DIGEST_BYTES)
+# /check's contract has an md5 field, so md5 is always computed: a second
+# digest costs little on another core (hashing runs in parallel).
+ALWAYS = "md5"
+
+_ALIASES = {
+    "md5": "md5", "sha1": "sha1", "sha-1": "sha1", "sha": "sha1",
+    "sha256": "sha256", "sha-256": "sha256", "sha512": "sha512", "sha-512": "sha512",
+    "blake2b": "blake2b", "blake2b-512": "blake2b", "blake2b512": "blake2b", "b2": "blake2b",
+}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+class DigestSpecError(ValueError):
+    """An algorithm list or a checksum that cannot be used, with a sentence
+    saying what is wrong."""
+
+
+def canonical(name: str) -> str | None:
+    return _ALIASES.get(name.strip().lower())
+
+
+def new_hash(algorithm: str) -> Any:
+    return hashlib.new(algorithm)
+
+
+def parse_algorithms(values: Iterable[str]) -> list[str]:
+    """``["sha256,sha512"]`` or ``["sha256", "sha512"]`` -> md5 plus those,
+    in canonical order. Unknown names are refused, all of them named."""
+    wanted = {ALWAYS}
+    unknown = []
+    for value in values:
+        for name in value.split(","):
+            if not name.strip():
+                continue
+            algorithm = canonical(name)
+            if algorithm is None:
+                unknown.append(name.strip()[:40])
+            else:
+                wanted.add(algorithm)
+    if unknown:
+        raise DigestSpecError(f"unknown algorithm {', '.join(repr(u) for u in unknown)}; "
+                              f"choose from {', '.join(ALGORITHMS)}")
+    return [a for a in ALGORITHMS if a in wanted]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checksum:
+    """One digest of one algorithm, as lowercase hex."""
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def to_doc(self) -> dict[str, str]:
+        return {"algorithm": self.algorithm, "hex": self.hex}
+
+    @classmethod
+    def from_doc(cls, doc: dict | None) -> Checksum | None:
+        return cls(doc["algorithm"], doc["hex"]) if doc else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerDigest:
+    """The digest a server claimed in a header, compared with the bytes."""
+    algorithm: str
+    value: str
+    header: str
+    match: bool
+
+    def to_doc(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict | None) -> ServerDigest | None:
+        return cls(**doc) if doc else None
+
+
+def parse_expected(text: str) -> Checksum:
+    """``sha256:<hex>``, ``sha-256=<hex>`` or SRI ``sha256-<base64>``."""
+    text = text.strip()
+    if not text:
+        raise DigestSpecError("expected is empty; give it as sha256:<hex>")
+    for separator in (":", "="):
+        name, found, value = text.partition(separator)
+        algorithm = canonical(name) if found else None
+        if algorithm:
+            value = value.strip()
+            if len(value) > 1 and value[0] == value[-1] == ":":
+                # RFC 9530's structured-field form: sha-256=:<base64>:
+                return checksum_from_base64(algorithm, value[1:-1])
+            return checksum_from_hex(algorithm, value)
+    name, found, value = text.partition("-")
+    if found and canonical(name) in ("sha256", "sha512"):
+        return checksum_from_base64(canonical(name) or "", value, "SRI")
+    name = re.split(r"[:=-]", text, maxsplit=1)[0]
+    if name.lower() in ("sha384", "sha-384", "sha224", "sha-224"):
+        raise DigestSpecError(f"{name} is not supported; use one of {', '.join(ALGORITHMS)}")
+    raise DigestSpecError(
+        "expected must look like sha256:<hex>, sha-256=<hex> (aria2) or sha256-<base64> "
+        f"(SRI), with an algorithm from {', '.join(ALGORITHMS)}")
+
+
+def checksum_from_hex(algorithm: str, value: str) -> Checksum:
+    size = DIGEST_BYTES[algorithm]
+    if not _HEX.fullmatch(value):
+        raise DigestSpecError(f"the {algorithm} checksum is not hexadecimal")
+    if len(value) != 2 * size:
+        raise DigestSpecError(f"a {algorithm} checksum has {2 * size} hex digits, "
+                              f"not {len(value)}")
+    return Checksum(algorithm, value.lower())
+
+
+def checksum_from_base64(algorithm: str, value: str, form: str = "base64") -> Checksum:
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise DigestSpecError(f"the {form} {algorithm} checksum is not valid base64") from None
+    size = DIGEST_BYTES[algorithm]
+    if len(raw) != size:
+        raise DigestSpecError(f"the {form} {algorithm} checksum decodes to {len(raw)} "
+                              f"bytes; a {algorithm} digest has {size}")
+    return Checksum(algorithm, raw.hex())
+
+
+def algorithm_for_hex_length(digits: int) -> str | None:
+    """What ``*sum -c`` infers from a bare hex digest: 128 digits read as
+    sha512 (b2sum's are the same length: say ``algorithm=blake2b``)."""
+    return {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}.get(digits)
+
+
+def mismatch(expected: Checksum, digests: dict[str, str]) -> str | None:
+    """Why the file is not the expected one, or None if it is."""
+    actual = digests.get(expected.algorithm)
+    if actual == expected.hex:
+        return None
+    return (f"checksum mismatch: expected {expected.algorithm} {expected.hex}, "
+            f"got {actual}")
