@@ -77,7 +77,7 @@ def fetch(url: str, config, client=None) -> tuple[str | None, FetchError | None,
         own = client or make_client(config)
         download = Download(url, config, own, None)
         try:
-            return await asyncio.wait_for(download.run(), 30), None, download
+            return (await asyncio.wait_for(download.run(), 30)).digests["md5"], None, download
         except FetchError as exc:
             return None, exc, download
         finally:

@@ -131,29 +131,31 @@ class Admission:
         self._queued = _Count()
         self._queued_task: asyncio.Task | None = None
 
-    async def admit(self, client: str) -> Verdict:
-        """Reserve a place for one new task of ``client``, or raise
-        QueueFull or QuotaExceeded."""
-        self._check_queue()
+    async def admit(self, client: str, n: int = 1) -> Verdict:
+        """Reserve places for ``n`` new tasks of ``client`` (a manifest's
+        lines), or raise QueueFull or QuotaExceeded. A client under its cap
+        may submit a manifest bigger than what is left of it: the manifest
+        is one request, and its tasks go to the lane their number puts them
+        in, behind other clients' single submits."""
+        self._check_queue(n)
         now = time.monotonic()
         count = self._count_of(client, now)
         at_cap = bool(self.per_client) and count.bound >= self.per_client
         if not count.fresh(now, MAX_AGE) or (at_cap and count.age(now) >= RECHECK):
             await self._refresh(count, client)
-        verdict = Verdict(self.per_client, count.bound, lane_for(count.bound))
+        verdict = Verdict(self.per_client, count.bound, lane_for(count.bound + n - 1))
         if self.per_client and verdict.pending >= self.per_client:
             raise QuotaExceeded(verdict)
-        count.added += 1
-        self._queued.added += 1
+        count.added += n
+        self._queued.added += n
         return verdict
 
-    def release(self, client: str) -> None:
-        """A reserved place that was not used (the insert failed)."""
+    def release(self, client: str, n: int = 1) -> None:
+        """Reserved places that were not used (the insert failed)."""
         count = self._clients.get(client)
-        if count is not None and count.added > 0:
-            count.added -= 1
-        if self._queued.added > 0:
-            self._queued.added -= 1
+        if count is not None:
+            count.added = max(0, count.added - n)
+        self._queued.added = max(0, self._queued.added - n)
 
     def peek(self, client: str) -> Verdict:
         """The client's standing, without a database call."""
@@ -196,7 +198,7 @@ class Admission:
 
     # -- the whole queue ----------------------------------------------------
 
-    def _check_queue(self) -> None:
+    def _check_queue(self, n: int = 1) -> None:
         if not self.max_queued:
             return
         if not self._queued.fresh(time.monotonic(), MAX_AGE) and self._queued_task is None:
@@ -206,7 +208,7 @@ class Admission:
             # submits count.
             self._queued_task = asyncio.get_running_loop().create_task(
                 self._count_queue(), context=contextvars.Context())
-        if self._queued.bound >= self.max_queued:
+        if self._queued.bound + n - 1 >= self.max_queued:
             raise QueueFull(self._queued.bound, self.max_queued)
 
     async def _count_queue(self) -> None:

@@ -93,6 +93,9 @@ class Task:
     expected: Checksum | None = None
     verified: bool | None = None
     server_digest: ServerDigest | None = None
+    # A line of a manifest: its id and the line's number (from 1).
+    manifest: str | None = None
+    line: int | None = None
     error: TaskError | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -135,6 +138,7 @@ class Task:
             "expected": self.expected.to_doc() if self.expected else None,
             "verified": self.verified,
             "server_digest": self.server_digest.to_doc() if self.server_digest else None,
+            "manifest": self.manifest, "line": self.line,
             "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
@@ -155,6 +159,7 @@ class Task:
             else {ALWAYS: doc["md5"]} if doc.get("md5") else {},
             expected=Checksum.from_doc(doc.get("expected")), verified=doc.get("verified"),
             server_digest=ServerDigest.from_doc(doc.get("server_digest")),
+            manifest=doc.get("manifest"), line=doc.get("line"),
             error=TaskError.from_doc(doc.get("error")),
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),
