@@ -7,6 +7,7 @@ Roles:
   api     only the HTTP API (embedded database too, when MONGODB_URI is unset)
   worker  only a worker process (needs MONGODB_URI)
   submit  a client: run.py submit URL [--email E] [--sha256] [--expect C] [--wait] (-h)
+  check   sha256sum -c for URLs: run.py check SHA256SUMS (see run.py check -h)
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["submit"]:
         from service.cli import submit
         return submit.main(argv[1:])
+    if argv[:1] == ["check"]:
+        from service.cli import check
+        return check.main(argv[1:])
     args = parse_args(argv)
     config = config_mod.load(args)
     logs.setup(config.log_level, config.log_format)
     if args.role == "worker":
-        from service.runtime import worker
+        from service.runtime import worker_process
         if config.embedded:
             raise SystemExit("the worker role needs MONGODB_URI")
-        asyncio.run(worker.main(config))
+        asyncio.run(worker_process.main(config))
         return 0
     return run_api(config, workers=config.workers if args.role == "all" else 0)
 

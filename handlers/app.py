@@ -11,11 +11,13 @@ from tornado import web
 from service.config import Config
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
+from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
 from service.runtime.metrics import DatabaseGauges
 from service.storage.store import Store
 
 from .base import NotFoundHandler
+from .manifests import ManifestHandler, ManifestsHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
@@ -23,15 +25,18 @@ from .tasks import CheckHandler, SubmitHandler, TaskHandler
 def make_app(config: Config, store: Store, wake: Callable[[], None],
              gauges: DatabaseGauges) -> web.Application:
     """The routes, each handler given what it needs through initialize."""
-    submissions = Submissions(
-        store, Admission(store, config.max_pending_per_client, config.max_queued),
-        AddressPolicy(config.allow_private_urls, config.allow_networks),
-        config.mail_enabled, wake)
+    admission = Admission(store, config.max_pending_per_client, config.max_queued)
+    policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
+    submissions = Submissions(store, admission, policy, config.mail_enabled, wake)
+    manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
     routes: list[Any] = [
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
         (r"/check", CheckHandler, dict(records=store.records)),
         (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records)),
+        (r"/manifests", ManifestsHandler, dict(intake=manifests,
+                                               client_ip_header=config.client_ip_header)),
+        (r"/manifests/([^/]+)", ManifestHandler, dict(manifests=store.manifests)),
         (r"/health", HealthHandler, dict(store=store)),
         (r"/metrics", MetricsHandler, dict(gauges=gauges)),
         (r"/openapi.yaml", OpenAPIHandler),

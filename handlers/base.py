@@ -51,6 +51,9 @@ class JsonHandler(web.RequestHandler):
     """Base class. Bodies stream in so that an oversized one is refused with
     413 while it arrives, rather than buffered first."""
 
+    # The largest body this handler takes.
+    max_body = MAX_BODY
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Before super().__init__, which calls the subclass's initialize.
         self._body = bytearray()
@@ -69,7 +72,7 @@ class JsonHandler(web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None:
             try:
-                too_big = int(length) > MAX_BODY
+                too_big = int(length) > self.max_body
             except ValueError:
                 raise web.HTTPError(400, reason="Bad Request",
                                     log_message="invalid Content-Length") from None
@@ -79,10 +82,10 @@ class JsonHandler(web.RequestHandler):
         # hard cap, so the client gets a clean 413 instead of a reset.
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
-            connection.set_max_body_size(DRAIN_CAP)
+            connection.set_max_body_size(max(DRAIN_CAP, self.max_body + 1))
 
     def data_received(self, chunk: bytes) -> None:
-        if self._too_big or len(self._body) + len(chunk) > MAX_BODY:
+        if self._too_big or len(self._body) + len(chunk) > self.max_body:
             self._too_big = True
             self._body = bytearray()
             return
@@ -99,7 +102,7 @@ class JsonHandler(web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         messages = {
             400: "bad request", 404: "not found", 405: "method not allowed",
-            413: f"request body larger than {MAX_BODY // 1024} KiB",
+            413: f"request body larger than {_size(self.max_body)}",
             503: "database unavailable, try again shortly",
         }
         message = messages.get(status_code, self._reason.lower())
@@ -204,6 +207,10 @@ class JsonHandler(web.RequestHandler):
         except (PyMongoError, TimeoutError) as exc:
             log.warning("database call failed: %s", type(exc).__name__)
             raise DatabaseUnavailable() from None
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 1024} KiB"
 
 
 class NotFoundHandler(JsonHandler):

@@ -39,7 +39,11 @@ def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
             return exc.code, {"error": exc.reason}
 
 
-def _size(n: float | None) -> str:
+def default_server() -> str:
+    return os.environ.get("MD5LIGHT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}")
+
+
+def size(n: float | None) -> str:
     if n is None:
         return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -55,8 +59,8 @@ def progress_line(done: int, total: int | None, rate: float) -> str:
         filled = min(width, int(width * done / total)) if total else 0
         bar = "#" * filled + "-" * (width - filled)
         eta = f"ETA {max(0, (total - done) / rate):.0f}s" if rate > 0 else "ETA ?"
-        return f"[{bar}] {_size(done)} / {_size(total)}  {_size(rate)}/s  {eta}"
-    return f"{_size(done)}  {_size(rate)}/s"
+        return f"[{bar}] {size(done)} / {size(total)}  {size(rate)}/s  {eta}"
+    return f"{size(done)}  {size(rate)}/s"
 
 
 def main(argv: list[str]) -> int:
@@ -70,8 +74,7 @@ def main(argv: list[str]) -> int:
                             help=f"compute {name} too (md5 always is)")
     parser.add_argument("--expect", metavar="CHECKSUM",
                         help="verify: sha256:HEX, sha-256=HEX or sha256-BASE64 (implies --wait)")
-    parser.add_argument("--server", default=os.environ.get(
-        "MD5LIGHT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
+    parser.add_argument("--server", default=default_server(),
         help="the service (env MD5LIGHT_URL, default http://127.0.0.1:$PORT or :8000)")
     args = parser.parse_args(argv)
     server = args.server.rstrip("/")

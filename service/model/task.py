@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 import enum
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from service.model.digests import ALWAYS, Checksum, ServerDigest
 
@@ -70,6 +70,13 @@ class Notification:
                    attempts=doc.get("attempts", 0), error=doc.get("error"),
                    sent_at=doc.get("sent_at"), next_at=doc.get("next_at"),
                    worker=doc.get("worker"))
+
+
+class Notifiable(Protocol):
+    """What a mail is about: a task, or a manifest."""
+    id: str
+    email: str | None
+    notification: Notification
 
 
 def utcnow() -> dt.datetime:

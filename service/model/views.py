@@ -45,14 +45,14 @@ def task_view(task: Task) -> dict[str, Any]:
         "error_code": task.error.code if failed and task.error else None,
         "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,
         "attempts": task.attempts,
-        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
-        "finished_at": _iso(task.finished_at),
+        "created_at": iso(task.created_at), "started_at": iso(task.started_at),
+        "finished_at": iso(task.finished_at),
         "notification": {"status": str(note.status), "attempts": note.attempts,
-                         "error": note.error, "sent_at": _iso(note.sent_at)},
+                         "error": note.error, "sent_at": iso(note.sent_at)},
     }
 
 
-def _iso(value: dt.datetime | None) -> str | None:
+def iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     return value.isoformat().replace("+00:00", "Z")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 
 from service.config import Config
-from service.model.task import Status, Task
+from service.model.manifest import Manifest
+from service.model.task import Notifiable, Status, Task
 
 
 @dataclass
@@ -28,7 +29,7 @@ class MailError(Exception):
         return self.message
 
 
-def build_message(config: Config, task: Task) -> EmailMessage:
+def build_message(config: Config, task: Notifiable) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = config.mail_from
     msg["To"] = task.email
@@ -36,6 +37,13 @@ def build_message(config: Config, task: Task) -> EmailMessage:
     domain = config.mail_from.rpartition("@")[2] or "localhost"
     msg["Message-ID"] = email.utils.make_msgid("md5-light", domain=domain)
     # Lets a receiving system see retries of one notification as one mail.
+    if isinstance(task, Manifest):
+        msg["X-md5-light-Manifest"] = task.id
+        subject, body = _manifest_summary(task)
+        msg["Subject"] = subject
+        msg.set_content(body + f"\nManifest: {task.id}\n", charset="utf-8")
+        return msg
+    assert isinstance(task, Task)
     msg["X-md5-light-Task"] = task.id
     subject, body = _subject_and_body(task)
     msg["Subject"] = subject
@@ -64,6 +72,25 @@ def _subject_and_body(task: Task) -> tuple[str, str]:
             f"The MD5 of\n\n  {url}\n\ncould not be computed:\n\n  {reason}\n")
 
 
+def _manifest_summary(manifest: Manifest) -> tuple[str, str]:
+    totals = manifest.totals or {}
+    ok, bad = totals.get("ok", 0), manifest.lines - totals.get("ok", 0)
+    subject = (f"Manifest verified: all {ok} files OK" if not bad
+               else f"Manifest: {bad} of {manifest.lines} files FAILED")
+    counts = "".join(f"  {name:<9} {totals.get(name, 0)}\n"
+                     for name in ("ok", "mismatch", "failed") if totals.get(name) or name == "ok")
+    body = f"The manifest of {manifest.lines} files has been checked:\n\n{counts}"
+    if manifest.problems:
+        shown = "".join(f"  line {p['line']}: {p['url']}: {p['outcome'].upper()}"
+                        f"{' (' + p['error'] + ')' if p.get('error') else ''}\n"
+                        for p in manifest.problems)
+        more = bad - len(manifest.problems)
+        body += f"\nFiles that did not verify:\n\n{shown}"
+        if more > 0:
+            body += f"  ... and {more} more\n"
+    return subject, body
+
+
 def _digest_lines(digests: dict[str, str]) -> str:
     return "".join(f"  {algorithm:<8} {value}\n" for algorithm, value in digests.items())
 
@@ -81,7 +108,7 @@ class Mailer:
     def enabled(self) -> bool:
         return self.config.mail_enabled
 
-    async def send(self, task: Task) -> None:
+    async def send(self, task: Notifiable) -> None:
         message = build_message(self.config, task)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._send_blocking, message)

@@ -15,7 +15,7 @@ from pymongo.errors import PyMongoError
 
 from service.backoff import Backoff
 from service.config import Config
-from service.model.task import Task
+from service.model.task import Notifiable
 from service.notify.mailer import Mailer, MailError
 from service.redact import redact_email
 from service.runtime import metrics
@@ -30,9 +30,10 @@ def _lease(config: Config) -> float:
 
 
 class MailSender:
-    def __init__(self, config: Config, outbox: MailOutbox, mailer: Mailer, worker: str):
+    def __init__(self, config: Config, outboxes: list[MailOutbox], mailer: Mailer,
+                 worker: str):
         self.config = config
-        self.outbox = outbox
+        self.outboxes = outboxes
         self.mailer = mailer
         self.worker = worker
         self.retry = Backoff(first=config.mail_retry_base, cap=float("inf"))
@@ -42,11 +43,12 @@ class MailSender:
         while not stopping.is_set():
             self.wake.clear()
             try:
-                while not stopping.is_set():
-                    task = await self.outbox.claim(self.worker, _lease(self.config))
-                    if task is None:
-                        break
-                    await self.send(task)
+                for outbox in self.outboxes:
+                    while not stopping.is_set():
+                        item = await outbox.claim(self.worker, _lease(self.config))
+                        if item is None:
+                            break
+                        await self.send(outbox, item)
             except PyMongoError:
                 await asyncio.sleep(1.0)
                 continue
@@ -55,23 +57,27 @@ class MailSender:
             except TimeoutError:
                 pass
 
-    async def send(self, task: Task) -> None:
+    async def send(self, outbox: MailOutbox, task: Notifiable) -> None:
         attempts = task.notification.attempts
         try:
             await self.mailer.send(task)
         except MailError as exc:
             if exc.permanent or attempts >= self.config.mail_max_attempts:
                 metrics.MAILS.labels("failed").inc()
-                log.warning("task %s: mail to %s failed for good: %s", task.id,
+                log.warning("%s: mail to %s failed for good: %s", _name(task),
                             redact_email(task.email), exc)
-                await self.outbox.failed(task.id, str(exc), None)
+                await outbox.failed(task.id, str(exc), None)
             else:
                 metrics.MAILS.labels("retry").inc()
                 delay = self.retry.delay(attempts)
-                log.info("task %s: mail attempt %d failed (%s); retrying in %.0f s",
-                         task.id, attempts, exc, delay)
-                await self.outbox.failed(task.id, str(exc), delay)
+                log.info("%s: mail attempt %d failed (%s); retrying in %.0f s",
+                         _name(task), attempts, exc, delay)
+                await outbox.failed(task.id, str(exc), delay)
             return
         metrics.MAILS.labels("sent").inc()
-        await self.outbox.sent(task.id)
-        log.info("task %s: mail sent to %s", task.id, redact_email(task.email))
+        await outbox.sent(task.id)
+        log.info("%s: mail sent to %s", _name(task), redact_email(task.email))
+
+
+def _name(item: Notifiable) -> str:
+    return f"{type(item).__name__.lower()} {item.id}"

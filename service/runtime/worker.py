@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -30,12 +29,14 @@ from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
-from service.storage.store import Store, open_store
+from service.storage.store import Store
 
 log = logging.getLogger("md5light.worker")
 
-WORKER_NICENESS = 10
 CLAIM_BATCH = 4
+# Lease rounds (about a second each) between looks for manifests whose last
+# line ended in a worker that died before finishing the manifest.
+MANIFEST_SWEEP_ROUNDS = 30
 loop_time = time.monotonic  # the clock Download.last_progress is read on
 
 # Waits after failures in a row: of a download (unless the server said how
@@ -63,8 +64,8 @@ class Worker:
         self.hash_executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
                                                 thread_name_prefix="md5")
         mailer = Mailer(config, ThreadPoolExecutor(max_workers=4, thread_name_prefix="smtp"))
-        self.mail = MailSender(config, store.outbox, mailer, self.name) \
-            if mailer.enabled else None
+        self.mail = MailSender(config, [store.outbox, store.manifest_outbox], mailer,
+                               self.name) if mailer.enabled else None
         self.download_retry = Backoff(first=config.retry_base, cap=DOWNLOAD_RETRY_CAP)
         self.active: dict[str, tuple[Task, Download]] = {}
         self.wake = asyncio.Event()
@@ -195,7 +196,7 @@ class Worker:
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
                      fetched.digests["md5"], download.bytes_done)
-            self._after_finish(task)
+            await self._after_finish(task)
 
     async def _failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
         if exc.transient and task.attempts < self.config.max_attempts:
@@ -214,10 +215,16 @@ class Worker:
                                        bytes_total=download.bytes_total)):
             metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task.id, exc.message)
-            self._after_finish(task)
+            await self._after_finish(task)
 
-    def _after_finish(self, task: Task) -> None:
-        if task.mail_pending and self.mail:
+    async def _after_finish(self, task: Task) -> None:
+        manifest = None
+        if task.manifest:
+            try:
+                manifest = await self.store.manifests.try_finish(task.manifest)
+            except PyMongoError:
+                pass  # the periodic sweep will finish it
+        if self.mail and (task.mail_pending or (manifest and manifest.mail_pending)):
             self.mail.wake.set()
 
     async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
@@ -240,8 +247,12 @@ class Worker:
 
     async def _lease_loop(self) -> None:
         interval = min(1.0, self.config.lease_seconds / 3)
+        rounds = 0
         while True:
             await asyncio.sleep(interval)
+            rounds += 1
+            if rounds % MANIFEST_SWEEP_ROUNDS == 0:
+                await self._sweep_manifests()
             for task_id, (_, download) in list(self.active.items()):
                 try:
                     held = await self.store.queue.renew(task_id, self.name, download.bytes_done,
@@ -256,55 +267,16 @@ class Worker:
             except PyMongoError:
                 pass
 
+    async def _sweep_manifests(self) -> None:
+        try:
+            if await self.store.manifests.sweep() and self.mail:
+                self.mail.wake.set()
+        except PyMongoError:
+            pass
+
     def _stuck(self) -> int:
         """Downloads with no progress for twice IDLE_TIMEOUT. The watchdog
         ends a download idle for IDLE_TIMEOUT, so any such one means a
         fault in this worker, which /health then reports."""
         limit = loop_time() - 2 * self.config.idle_timeout
         return sum(1 for _, download in self.active.values() if download.last_progress < limit)
-
-
-async def main(config: Config) -> None:
-    """Entry point of the 'worker' role."""
-    # Hashing may take every core. A lower priority keeps the API (whose
-    # answers must stay quick) and the database ahead of it; the work is
-    # no slower for that when nothing else wants the CPU.
-    try:
-        os.nice(WORKER_NICENESS)
-    except OSError:
-        pass
-    store = open_store(config, str(config.mongodb_uri))
-    worker = Worker(config, store)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    _watch_wake_pipe(worker)
-    try:
-        await worker.run()
-    finally:
-        await store.close()
-
-
-def _watch_wake_pipe(worker: Worker) -> None:
-    """The 'all' role wakes its workers through a pipe after each submit.
-    End of file means the parent died: drain and exit rather than linger."""
-    fd_text = os.environ.get("MD5LIGHT_WAKE_FD")
-    if not fd_text:
-        return
-    fd = int(fd_text)
-    os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        if not data:
-            loop.remove_reader(fd)
-            log.warning("parent process gone; worker %s stopping", worker.name)
-            worker.stop()
-            return
-        worker.wake.set()
-
-    loop.add_reader(fd, readable)

@@ -42,11 +42,13 @@ class Collections:
     idempotency: AsyncCollection
     workers: AsyncCollection
     stats: AsyncCollection
+    manifests: AsyncCollection
 
     @classmethod
     def of(cls, client: AsyncMongoClient) -> Collections:
         db = client.get_default_database("md5light")
-        return cls(client, db, db["tasks"], db["idempotency"], db["workers"], db["stats"])
+        return cls(client, db, db["tasks"], db["idempotency"], db["workers"], db["stats"],
+                   db["manifests"])
 
     async def ping(self) -> None:
         await self.db.command("ping")
@@ -59,6 +61,15 @@ class Collections:
                                        ("notification.next_at", ASCENDING)],
                                       name="notification_claim")
         await self.tasks.create_index([("created_at", DESCENDING)], name="history")
+        # Sparse: single submits (most tasks) carry no manifest to index.
+        await self.tasks.create_index([("manifest", ASCENDING), ("line", ASCENDING)],
+                                      name="manifest_lines", sparse=True)
+        await self.tasks.create_index([("manifest", ASCENDING), ("status", ASCENDING)],
+                                      name="manifest_status", sparse=True)
+        await self.manifests.create_index("finished_at", name="open_manifests")
+        await self.manifests.create_index([("notification.status", ASCENDING),
+                                           ("notification.next_at", ASCENDING)],
+                                          name="notification_claim")
         await self.idempotency.create_index("created_at", name="expiry",
                                             expireAfterSeconds=int(idempotency_ttl))
         await self._ensure_retention(task_ttl_days)

@@ -1,4 +1,4 @@
-"""The mail outbox: finished tasks whose notification is due.
+"""The mail outbox: finished tasks (or manifests) whose notification is due.
 
 A notification is claimed like a task: the claim moves
 ``notification.next_at`` forward by a lease, so a sender that dies leaves
@@ -8,23 +8,31 @@ the mail due again once the lease runs out (delivery is at least once).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
-from service.model.task import NoteStatus, Task
+from service.model.task import NoteStatus, Notifiable
 from service.storage.database import after, utcnow
 
 _CLAIM_TRIES = 20
 
 
-class MailOutbox:
-    def __init__(self, tasks: AsyncCollection):
-        self.tasks = tasks
+N = TypeVar("N", bound=Notifiable)
 
-    async def claim(self, worker: str, lease: float) -> Task | None:
-        """A finished task whose mail is due, now this sender's for ``lease``."""
+
+class MailOutbox(Generic[N]):
+    """The notifications kept in one collection, each document read back
+    with ``load``."""
+
+    def __init__(self, collection: AsyncCollection, load: Callable[[dict], N]):
+        self.tasks = collection
+        self.load = load
+
+    async def claim(self, worker: str, lease: float) -> N | None:
+        """An item whose mail is due, now this sender's for ``lease``."""
         for _ in range(_CLAIM_TRIES):
             now = utcnow()
             cand = await self.tasks.find_one(
@@ -40,9 +48,9 @@ class MailOutbox:
                           "notification.worker": worker},
                  "$inc": {"notification.attempts": 1}})
             if result.modified_count:
-                task = Task.from_doc(cand)
-                task.notification.attempts += 1
-                return task
+                item = self.load(cand)
+                item.notification.attempts += 1
+                return item
         return None
 
     async def sent(self, task_id: str) -> None:

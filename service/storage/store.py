@@ -1,6 +1,6 @@
 """Everything md5-light keeps in MongoDB, in one object with one part per
-job: task records (and idempotency keys), the queue, the mail outbox,
-worker liveness and the counters /metrics reads. Every role builds it the
+job: task records (and idempotency keys), the queue, manifests, the mail
+outboxes, worker liveness and the counters /metrics reads. Every role builds it the
 same way, with ``open_store``."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from service.config import Config
+from service.model.manifest import Manifest
+from service.model.task import Task
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
 from service.storage.liveness import WorkerLiveness
+from service.storage.manifests import ManifestRecords
 from service.storage.outbox import MailOutbox
 from service.storage.queue import TaskQueue
 from service.storage.records import TaskRecords
@@ -27,7 +30,9 @@ class Store:
         self.records = TaskRecords(self.cols, self.counters, config.idempotency_ttl)
         self.queue = TaskQueue(self.cols, self.counters, config.max_attempts,
                                config.lease_seconds)
-        self.outbox = MailOutbox(self.cols.tasks)
+        self.manifests = ManifestRecords(self.cols, self.counters)
+        self.outbox = MailOutbox(self.cols.tasks, Task.from_doc)
+        self.manifest_outbox = MailOutbox(self.cols.manifests, Manifest.from_doc)
         self.liveness = WorkerLiveness(self.cols.workers)
 
     async def ensure_indexes(self) -> None:

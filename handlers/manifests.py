@@ -1,0 +1,128 @@
+"""Manifests: verify a whole list of files at once, like sha256sum -c."""
+
+from __future__ import annotations
+
+from tornado import httputil, web
+
+from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded, client_address
+from service.intake.manifest_parser import ManifestInvalid
+from service.intake.manifests import ManifestIntake
+from service.intake.validation import InvalidInput
+from service.model.manifest import MAX_LINES
+from service.model.manifest_views import check_lines, check_warnings, manifest_view
+from service.model.views import NOT_FOUND
+from service.storage.manifests import ManifestRecords
+
+from .base import SUBMIT_PATIENCE, JsonHandler
+
+# 10,000 lines of long URLs; the per-line rules still apply.
+MAX_MANIFEST_BODY = 16 * 2**20
+PAGE, MAX_PAGE = 100, 1000
+# Storing 10,000 tasks is a few batched inserts: more than a submit's wait.
+MANIFEST_PATIENCE = 4 * SUBMIT_PATIENCE
+
+
+class ManifestsHandler(JsonHandler):
+    """POST /manifests: the body is the manifest (text as sha256sum prints
+    it, JSON, or a file in a multipart form); options in the query."""
+
+    max_body = MAX_MANIFEST_BODY
+
+    def initialize(self, intake: ManifestIntake, client_ip_header: str | None) -> None:
+        self.intake = intake
+        self.client_ip_header = client_ip_header
+
+    async def post(self) -> None:
+        args = self.arguments_from_query()
+        body, json_body = self._manifest_body()
+        client = client_address(self.request, self.client_ip_header)
+        try:
+            manifest = await self.db(self.intake.submit(
+                body, json_body, self.one(args, "algorithm"), self.one(args, "email"),
+                args.get("algorithms", []), client), patience=MANIFEST_PATIENCE)
+        except ManifestInvalid as exc:
+            return self.send(400, {"error": str(exc), "lines": [
+                {"line": number, "error": error} for number, error in exc.errors]})
+        except InvalidInput as exc:
+            return self.send(400, {"error": str(exc)})
+        except QuotaExceeded as exc:
+            return self.send(429, {"error": (
+                f"too many unfinished tasks from your address: {exc.verdict.pending} are "
+                f"queued or running and the limit is {exc.verdict.limit}")})
+        except QueueFull as exc:
+            self.set_header("Retry-After", str(RETRY_AFTER_FULL))
+            return self.send(503, {"error": f"the service is at capacity with {exc.queued} "
+                                            "tasks waiting; try again later"})
+        self.set_header("Location", f"/manifests/{manifest.id}")
+        self.send(202, {"id": manifest.id, "lines": manifest.lines})
+
+    def arguments_from_query(self) -> dict[str, list[str]]:
+        try:
+            return {name: [v.decode("utf-8") for v in values]
+                    for name, values in self.request.query_arguments.items()}
+        except UnicodeDecodeError:
+            raise web.HTTPError(400, log_message="query is not valid UTF-8") from None
+
+    def _manifest_body(self) -> tuple[bytes, bool]:
+        if self._too_big:
+            raise web.HTTPError(413, reason="Payload Too Large")
+        if self.body:
+            self._check_content_encoding()
+        ctype = self.request.headers.get("Content-Type", "")
+        kind = ctype.split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            fields: dict[str, list[bytes]] = {}
+            files: dict[str, list[httputil.HTTPFile]] = {}
+            httputil.parse_body_arguments(ctype, self.body, fields, files)
+            uploads = [f for group in files.values() for f in group]
+            if len(uploads) != 1:
+                raise web.HTTPError(400, log_message="send one manifest file in the form")
+            return uploads[0].body, uploads[0].filename.lower().endswith(".json")
+        # curl --data-binary says x-www-form-urlencoded: the body is still
+        # the manifest, as it is for text/plain.
+        return self.body, kind == "application/json"
+
+
+class ManifestHandler(JsonHandler):
+    """GET /manifests/<id>: totals and a page of lines, or ?format=text."""
+
+    def initialize(self, manifests: ManifestRecords) -> None:
+        self.manifests = manifests
+
+    async def get(self, manifest_id: str) -> None:
+        args = self.arguments()
+        after, limit = self._int(args, "after", 0, 0, MAX_LINES * 2), \
+            self._int(args, "limit", PAGE, 1, MAX_PAGE)
+        fmt = self.one(args, "format") or "json"
+        if fmt not in ("json", "text"):
+            return self.send(400, {"error": "format must be json or text"})
+        manifest = await self.db(self.manifests.get(manifest_id)) \
+            if len(manifest_id) <= 100 else None
+        if manifest is None:
+            return self.send(404, NOT_FOUND)
+        totals = await self.db(self.manifests.totals(manifest))
+        if fmt == "text":
+            return await self._text(manifest_id, totals)
+        page = await self.db(self.manifests.lines(manifest_id, after, limit))
+        last = after + limit
+        more = last < await self.db(self.manifests.last_line(manifest_id))
+        self.send(200, manifest_view(manifest, totals, page, last if more else None, limit))
+
+    async def _text(self, manifest_id: str, totals: dict[str, int]) -> None:
+        self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        last = await self.db(self.manifests.last_line(manifest_id))
+        for after in range(0, last, MAX_PAGE):
+            page = await self.db(self.manifests.lines(manifest_id, after, MAX_PAGE))
+            if page:
+                self.write("".join(f"{line}\n" for line in check_lines(page)))
+        self.finish("".join(f"{line}\n" for line in check_warnings(totals)))
+
+    def _int(self, args: dict[str, list[str]], name: str, default: int, low: int,
+             high: int) -> int:
+        text = self.one(args, name)
+        if text is None:
+            return default
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise web.HTTPError(400, log_message=f"{name} must be a whole number from "
+                                                 f"{low} to {high}")
+        return int(text)

@@ -1,0 +1,53 @@
+"""What POST /manifests does, apart from speaking HTTP: read every line,
+admit them together under the quotas, store the manifest and its tasks,
+wake the workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from service.fetch.netpolicy import AddressPolicy
+from service.intake.admission import Admission
+from service.intake.manifest_parser import parse
+from service.intake.validation import InvalidInput, check_digests, check_email
+from service.model.manifest import Manifest
+from service.model.task import Task
+from service.storage.store import Store
+
+
+class ManifestIntake:
+    def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
+                 mail_enabled: bool, wake: Callable[[], None]):
+        self.store = store
+        self.admission = admission
+        self.policy = policy
+        self.mail_enabled = mail_enabled
+        self.wake = wake
+
+    async def submit(self, body: bytes, json_body: bool, algorithm: str | None,
+                     email: str | None, algorithms: list[str], client: str) -> Manifest:
+        """Raises ManifestInvalid, InvalidInput, QuotaExceeded or QueueFull
+        to refuse the manifest, or the database's error."""
+        lines = parse(body, json_body, algorithm, self.policy)
+        extra, _ = check_digests(algorithms, None)
+        manifest = Manifest.new(len(lines), check_email(email), self.mail_enabled, client)
+        tasks = []
+        for line in lines:
+            wanted, _ = check_digests(extra + [line.expected.algorithm], None)
+            task = Task.new(line.url, None, False, client=client, algorithms=wanted,
+                            expected=line.expected)
+            task.manifest, task.line = manifest.id, line.number
+            tasks.append(task)
+        verdict = await self.admission.admit(client, len(tasks))
+        for task in tasks:
+            task.lane = verdict.lane
+        try:
+            await self.store.manifests.create(manifest, tasks)
+        except BaseException:
+            self.admission.release(client, len(tasks))
+            raise
+        self.wake()
+        return manifest
+
+
+__all__ = ["ManifestIntake", "InvalidInput"]
