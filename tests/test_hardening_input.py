@@ -204,7 +204,8 @@ def test_duplicate_json_keys_are_400(service, body, name):
 
 
 ROUTES = {"/submit": "POST", "/check?id=x": "GET, HEAD", "/tasks/x": "GET, HEAD",
-          "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/openapi.yaml": "GET, HEAD"}
+          "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/openapi.yaml": "GET, HEAD",
+          "/manifests": "POST", "/manifests/x": "GET, HEAD"}
 
 
 @pytest.mark.parametrize("path", sorted(ROUTES))

@@ -4,6 +4,7 @@ command-line client and history retention."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import requests
 import yaml
 from pymongo import MongoClient
 
-from fileserver import CountingHandler, md5_of
+from fileserver import CountingHandler, body, md5_of
 from servicectl import ROOT, Service
 
 
@@ -137,7 +138,7 @@ def test_readme_queries_through_mongosh(make_service, files):
     failed = [svc.submit(files.url("/status/404")) for _ in range(2)]
     svc.wait_all(done + failed)
     uri = svc.env["MONGODB_URI"]
-    latest, failures, mean = _readme_queries()
+    latest, failures, mean, mismatches, sha256s, manifests = _readme_queries()
 
     def run(query: str):
         out = subprocess.run([mongosh, uri, "--quiet", "--json=relaxed", "--eval", query],
@@ -151,6 +152,28 @@ def test_readme_queries_through_mongosh(make_service, files):
     assert run(failures) == [{"_id": "HTTP 404 Not Found from 127.0.0.1", "count": 2}]
     (summary,) = run(mean)
     assert summary["tasks"] == 3 and 0 < summary["mean_seconds"] < 30
+
+    def post(path: str, **kwargs) -> str:
+        r = requests.post(svc.base + path, timeout=10, **kwargs)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    host = files.url("/").split("/")[2]
+    wrong = [post("/submit", data={"url": files.url(f"/bytes/{20 + i}"),
+                                   "expected": "md5:" + "0" * 32}) for i in range(2)]
+    sha = post("/submit", data={"url": files.url("/bytes/30"), "algorithms": "sha256"})
+    svc.wait_all(wrong + [sha])
+    assert run(mismatches) == [{"_id": host, "mismatches": 2}]
+    assert run(sha256s)[0]["digests"]["sha256"] == hashlib.sha256(body(30)).hexdigest()
+    manifest = post("/manifests", data=f"{hashlib.sha256(body(31)).hexdigest()}  "
+                                       f"{files.url('/bytes/31')}\n")
+    deadline = time.monotonic() + 30
+    while requests.get(f"{svc.base}/manifests/{manifest}", timeout=10).json()["status"] \
+            != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (latest_manifest,) = run(manifests)
+    assert latest_manifest["_id"] == manifest and latest_manifest["totals"]["ok"] == 1
 
 
 def test_scale_out_two_apis_three_workers(mongo, logs, files):
