@@ -93,6 +93,8 @@ class Bench:
         text = "".join(f"{self.sums[n]['sha256']}  {self.nginx.url(n)}\n" for n in names)
         t0 = time.monotonic()
         r = self.session.post(self.stack.base + "/manifests", data=text.encode(), timeout=60)
+        if r.status_code != 202:
+            raise SystemExit(f"manifest refused: {r.status_code} {r.text}")
         manifest_id = r.json()["id"]
         while self.session.get(f"{self.stack.base}/manifests/{manifest_id}", timeout=30,
                                params={"limit": 1}).json()["status"] != "done":

@@ -195,14 +195,17 @@ class JsonHandler(web.RequestHandler):
             raise web.HTTPError(400, log_message=f"{name} given more than once")
         return values[0] if values else None
 
-    async def db(self, call: Awaitable[T], patience: float = DB_TIMEOUT) -> T:
+    async def db(self, call: Awaitable[T], patience: float = DB_TIMEOUT,
+                 driver: float = DB_TIMEOUT) -> T:
         """Run a store call with a deadline; an unreachable database is a
-        quick 503, not a hang and not a 500. pymongo.timeout bounds each of
-        the driver's own calls; asyncio.timeout, ``patience``, bounds the
-        whole, a submit waiting on an insert batch included."""
+        quick 503, not a hang and not a 500. pymongo.timeout bounds the
+        driver's own calls (``driver``: longer only for the big inserts of
+        a manifest; a dead database still fails server selection within
+        a second); asyncio.timeout, ``patience``, bounds the whole, a
+        submit waiting on an insert batch included."""
         try:
-            async with asyncio.timeout(max(patience, DB_TIMEOUT)):
-                with pymongo.timeout(DB_TIMEOUT):
+            async with asyncio.timeout(max(patience, driver)):
+                with pymongo.timeout(driver):
                     return await call
         except (PyMongoError, TimeoutError) as exc:
             log.warning("database call failed: %s", type(exc).__name__)
