@@ -12,6 +12,7 @@ from pymongo import AsyncMongoClient
 from service.config import Config
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
+from service.storage.dbclock import DatabaseClock
 from service.storage.liveness import WorkerLiveness
 from service.storage.outbox import MailOutbox
 from service.storage.queue import TaskQueue
@@ -24,9 +25,10 @@ class Store:
         self.cols = Collections.of(client)
         self.config = config
         self.counters = TaskCounters(self.cols)
+        self.clock = DatabaseClock(self.cols.db)
         self.records = TaskRecords(self.cols, self.counters, config.idempotency_ttl)
         self.queue = TaskQueue(self.cols, self.counters, config.max_attempts,
-                               config.lease_seconds)
+                               config.lease_seconds, self.clock)
         self.outbox = MailOutbox(self.cols.tasks)
         self.liveness = WorkerLiveness(self.cols.workers)
 
