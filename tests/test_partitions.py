@@ -12,11 +12,30 @@ where ``ip netns`` is not permitted.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
+
+import pymongo
+import pytest
+import requests
+from aiosmtpd.controller import Controller
+from fileserver import ThreadedServer, ThrottleHandler, make_app, md5_of
+from netns import Network, why_not_permitted
+from servicectl import ROOT, TEST_ENV, free_port
+from smtpserver import Inbox
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from service import config as config_mod
 from service.model.task import HISTORY_LIMIT, Status, Task, TaskError
 from service.model.views import task_view
+from service.runtime.embedded_db import daemon_path
 from service.storage.store import open_store
 
 # -- fencing, in-process ------------------------------------------------------
@@ -181,3 +200,210 @@ def test_clock_offset_is_measured(mongo):
             await a.close()
 
     asyncio.run(main())
+
+
+# -- hosts in network namespaces ----------------------------------------------
+
+LEASE = 3.0
+MAX_ATTEMPTS = 3
+
+
+class BridgeFiles(ThreadedServer):
+    """The test file server, on the bridge's address, with /throttle."""
+
+    def _run(self) -> None:
+        async def main() -> None:
+            app = make_app()
+            app.add_handlers(r".*", [(r"/throttle/([\w-]+)/(\d+)", ThrottleHandler)])
+            sockets = bind_sockets(0, self.host, family=socket.AF_INET)
+            self.port = sockets[0].getsockname()[1]
+            HTTPServer(app).add_sockets(sockets)
+            self._ready.set()
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+
+
+class Cluster:
+    """Host db runs SecantusDB and the API; hosts A and B run a worker
+    each; the test's process serves files and mail on the bridge."""
+
+    def __init__(self, net: Network, workdir: Path):
+        self.net, self.workdir = net, workdir
+        self.db_host = net.add_host("db")
+        self.hosts = {"A": net.add_host("A"), "B": net.add_host("B")}
+        self.files = BridgeFiles(net.gateway).start()
+        self.inbox = Inbox()
+        self.smtp = Controller(self.inbox, hostname=net.gateway, port=free_port())
+        self.smtp.start()
+        self.db_name = f"t_parts_{uuid.uuid4().hex[:8]}"
+        self.uri = f"mongodb://{self.db_host.address}:27017/{self.db_name}"
+        self.api = f"http://{self.db_host.address}:8000"
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.db = pymongo.MongoClient(self.uri, tz_aware=True, serverSelectionTimeoutMS=5000)
+        self.tasks = self.db.get_default_database()["tasks"]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(TEST_ENV)
+        env.update({"ALLOW_PRIVATE_URLS": "0", "ALLOW_NETWORKS": self.net.subnet,
+                    "LEASE_SECONDS": str(LEASE), "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+                    "MONGODB_URI": self.uri, "SMTP_HOST": self.net.gateway,
+                    "SMTP_PORT": str(self.smtp.port), "SMTP_TLS": "none",
+                    "HOST": self.db_host.address, "PORT": "8000"})
+        env.update(extra)
+        return env
+
+    def start(self) -> None:
+        data = self.workdir / "db"
+        data.mkdir()
+        (data / "secantusd.toml").write_text("")
+        self.db_host.spawn(
+            [daemon_path(), "--config", str(data / "secantusd.toml"),
+             "--host", self.db_host.address, "--port", "27017",
+             "--storage-path", str(data / "db"), "--sync-on-commit", "--standalone",
+             "--log-level", "WARNING"], dict(os.environ), self.workdir / "db.log", cwd=data)
+        self.db.admin.command("ping")  # waits for it (server selection)
+        self.db_host.spawn([sys.executable, str(ROOT / "run.py"), "api"], self.env(),
+                           self.workdir / "api.log", cwd=ROOT)
+        _wait(lambda: _answers(self.api + "/check?id=x"), 60, "the API to answer")
+        for name in self.hosts:
+            self.start_worker(name)
+        for name in self.hosts:
+            _wait(lambda n=name: self.db.get_default_database()["workers"].find_one(
+                {"_id": self.name(n)}), 60, f"worker {name}'s first heartbeat")
+
+    def start_worker(self, name: str, host: str | None = None, **env: str) -> None:
+        self.workers[name] = self.hosts[host or name].spawn(
+            [sys.executable, str(ROOT / "run.py"), "worker"], self.env(**env),
+            self.log_path(name), cwd=ROOT)
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"worker-{name}.log"
+
+    def log(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")
+
+    def name(self, worker: str) -> str:
+        return f"{socket.gethostname()}:{self.workers[worker].pid}"
+
+    def pause(self, worker: str) -> None:
+        os.kill(self.workers[worker].pid, signal.SIGSTOP)
+
+    def resume(self, worker: str) -> None:
+        os.kill(self.workers[worker].pid, signal.SIGCONT)
+
+    def submit(self, url: str, email: str | None = None) -> str:
+        data = {"url": url, **({"email": email} if email else {})}
+        r = requests.post(self.api + "/submit", data=data, timeout=30)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def view(self, task_id: str) -> dict:
+        r = requests.get(f"{self.api}/tasks/{task_id}", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_doc(self, task_id: str, ok, timeout: float = 60, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.tasks.find_one({"_id": task_id})
+            if doc is not None and ok(doc):
+                return doc
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id}: not {what} after {timeout} s: {doc}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.db.close()
+        self.smtp.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def _wait(ok, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = why_not_permitted()
+    if reason:
+        pytest.skip(f"namespace tests need root and ip netns: {reason}")
+    net = Network()
+    cluster = None
+    try:
+        cluster = Cluster(net, tmp_path_factory.mktemp("netns"))
+        cluster.start()
+        yield cluster
+    finally:
+        net.close()  # processes, veths, namespaces, bridge: even after a failure
+        if cluster is not None:
+            cluster.close()
+
+
+@pytest.fixture
+def links(cluster):
+    """Every link a test cut is whole again after it, pass or fail; a
+    paused worker runs again."""
+    yield cluster.net
+    cluster.net.heal_all()
+    for proc in cluster.workers.values():
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_partition_fences_the_cut_off_worker(cluster, links):
+    """A downloads a big throttled file; its link to the database (only)
+    is cut for 2 x LEASE_SECONDS. B takes the task over; when the link
+    returns A's renewal is refused, A hangs up on the file server at once,
+    and the task ends once, by B, with the right digest and one mail."""
+    c = cluster
+    size, seed, key = 4 * 1024 * 1024, 5, uuid.uuid4().hex[:12]
+    c.pause("B")  # so that A claims it
+    task_id = c.submit(c.files.url(f"/throttle/{key}/{size}?parts=80&delay=0.25&seed={seed}"),
+                       email="ops@example.com")
+    c.wait_doc(task_id, lambda d: d["worker"] == c.name("A") and d["bytes_done"] > 0,
+               what="downloading on A")
+    c.resume("B")
+    links.cut("A", "db")
+    cut_at = time.monotonic()
+    taken = c.wait_doc(task_id, lambda d: d["worker"] == c.name("B"), timeout=30,
+                       what="taken over by B")
+    assert taken["attempts"] == 2 and taken["status"] == "running"
+    time.sleep(max(0.0, cut_at + 2 * LEASE - time.monotonic()))
+    a_requests = [r for r in ThrottleHandler.requests[key] if r["peer"] == c.hosts["A"].address]
+    assert len(a_requests) == 1 and not a_requests[0]["hung_up"], \
+        "A should still be downloading while it is cut off from the database"
+    links.heal("A", "db")
+    healed_at = time.monotonic()
+
+    _wait(lambda: a_requests[0]["hung_up"], 30, "A to stop its download")
+    stopped_after = a_requests[0]["ended_at"] - healed_at
+    assert a_requests[0]["sent"] < size
+    _wait(lambda: f"task {task_id}: lease lost" in c.log("A"), 10, "A to log its lost lease")
+
+    doc = c.wait_doc(task_id, lambda d: d["status"] == "done", timeout=120, what="done")
+    assert doc["md5"] == md5_of(size, seed) and doc["bytes_done"] == size
+    view = c.view(task_id)
+    assert [(h["worker"], h["outcome"]) for h in view["history"]] == \
+        [(c.name("A"), "lease_lost"), (c.name("B"), "done")]
+    assert view["finished_by"] == c.name("B") and view["attempts"] == 2
+    assert f"task {task_id} done" not in c.log("A")
+
+    def mails() -> list:
+        return [m for m in c.inbox.messages if m["X-md5-light-Task"] == task_id]
+    _wait(lambda: len(mails()) >= 1, 60, "the mail")
+    time.sleep(3)  # room for a second mail, which must not come
+    assert len(mails()) == 1
+    print(f"\nA stopped its download {stopped_after:.2f} s after its link returned")
