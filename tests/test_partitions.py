@@ -17,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pymongo
@@ -407,3 +409,112 @@ def test_partition_fences_the_cut_off_worker(cluster, links):
     time.sleep(3)  # room for a second mail, which must not come
     assert len(mails()) == 1
     print(f"\nA stopped its download {stopped_after:.2f} s after its link returned")
+
+
+def test_a_worker_that_cannot_reach_the_file_server_leaves_it_to_another(cluster, links):
+    """A reaches the database but not the file server: its tries fail as
+    transient (connect timeout), and each task is retried on B within
+    MAX_ATTEMPTS, not failed."""
+    c = cluster
+    c.pause("B")
+    links.cut("A", "gateway")
+    sizes = {uuid.uuid4().hex[:8]: 100_000 + i for i in range(3)}
+    ids = {c.submit(c.files.url(f"/count/{key}/{size}?seed=11")): (key, size)
+           for key, size in sizes.items()}
+    for task_id in ids:
+        c.wait_doc(task_id, lambda d: d["worker"] == c.name("A"), what="claimed by A")
+    c.resume("B")
+    for task_id, (_key, size) in ids.items():
+        doc = c.wait_doc(task_id, lambda d: d["status"] in ("done", "failed"), timeout=90,
+                         what="finished")
+        assert doc["status"] == "done" and doc["md5"] == md5_of(size, 11), doc
+        assert doc["attempts"] <= MAX_ATTEMPTS
+        outcomes = [(h["worker"], h["outcome"]) for h in doc["history"]]
+        assert outcomes[0] == (c.name("A"), "retry") and outcomes[-1] == (c.name("B"), "done")
+        assert all(worker == c.name("A") for worker, _ in outcomes[:-1]), outcomes
+        why = [line for line in c.log("A").splitlines() if f"task {task_id} attempt" in line]
+        print(f"\n{task_id}: {[o for _, o in outcomes]}; A: {why[-1].split(': ', 1)[-1]}")
+
+
+def test_a_fast_clock_does_not_steal_live_leases(cluster, links):
+    """Worker C's clock runs 30 s ahead (MD5LIGHT_CLOCK_OFFSET, a test
+    hook): by its own clock B's lease ran out long ago. Leases follow the
+    database's clock, so C leaves B's task alone."""
+    c = cluster
+    size, key = 1024 * 1024, uuid.uuid4().hex[:12]
+    c.pause("A")
+    c.start_worker("C", host="A", MD5LIGHT_CLOCK_OFFSET="30")
+    try:
+        _wait(lambda: "database clock offset" in c.log("C"), 60, "C to start")
+        offset = float(c.log("C").split("database clock offset ")[1].split()[0])
+        assert -31 < offset < -29, offset  # C's clock really is 30 s ahead
+        task_id = c.submit(c.files.url(f"/throttle/{key}/{size}?parts=40&delay=0.25"))
+        c.wait_doc(task_id, lambda d: d["status"] == "running", what="running")
+        doc = c.tasks.find_one({"_id": task_id})
+        if doc["worker"] != c.name("B"):
+            pytest.fail(f"C claimed a fresh task, which is fine but leaves nothing to test: {doc}")
+        # B renews its 3 s lease every second; C polls every 0.5 s and would
+        # take a lease it thought expired as soon as it saw one.
+        watch_until = time.monotonic() + 3 * LEASE
+        while time.monotonic() < watch_until:
+            doc = c.tasks.find_one({"_id": task_id})
+            assert doc["worker"] == c.name("B") and doc["attempts"] == 1, doc
+            time.sleep(0.2)
+        doc = c.wait_doc(task_id, lambda d: d["status"] == "done", timeout=60, what="done")
+        assert [h["worker"] for h in doc["history"]] == [c.name("B")]
+        assert doc["md5"] == md5_of(size)
+    finally:
+        c.workers["C"].terminate()
+        c.workers["C"].wait(30)
+        c.resume("A")
+
+
+def test_flapping_database_link_loses_and_repeats_nothing(cluster, links):
+    """500 small, slowish files while both workers' links to the database
+    drop for 1 s every 5 s: every task ends once, done, with the right
+    md5. (Downloads may repeat: processing is at least once.)"""
+    c = cluster
+    prefix, n = uuid.uuid4().hex[:8], 500
+    stop = threading.Event()
+    flaps = []
+
+    def flap() -> None:
+        while not stop.wait(4.0):
+            flaps.append(time.monotonic())
+            links.cut("A", "db")
+            links.cut("B", "db")
+            stop.wait(1.0)
+            links.heal("A", "db")
+            links.heal("B", "db")
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(
+                # Each takes about 1.5 s, so many downloads span a flap.
+                lambda i: c.submit(c.files.url(
+                    f"/throttle/{prefix}-{i}/{1000 + i}?seed={i}&parts=4&delay=0.5")),
+                range(n)))
+        deadline = time.monotonic() + 400
+        while c.tasks.count_documents({"_id": {"$in": ids}, "status": "done"}) < n:
+            assert c.tasks.count_documents({"_id": {"$in": ids}, "status": "failed"}) == 0, \
+                c.tasks.find_one({"_id": {"$in": ids}, "status": "failed"})
+            assert time.monotonic() < deadline, "tasks unfinished after 400 s"
+            time.sleep(1)
+    finally:
+        stop.set()
+        flapper.join(10)
+    took = time.monotonic() - started
+    docs = {d["_id"]: d for d in c.tasks.find({"_id": {"$in": ids}})}
+    assert len(docs) == n == len(set(ids))
+    for i, task_id in enumerate(ids):
+        doc = docs[task_id]
+        assert doc["status"] == "done" and doc["md5"] == md5_of(1000 + i, i), doc
+        assert [h["outcome"] for h in doc["history"]].count("done") == 1, doc["history"]
+    hits = [len(ThrottleHandler.requests.get(f"{prefix}-{i}", [])) for i in range(n)]
+    taken_over = sum(1 for d in docs.values() if d["attempts"] > 1)
+    print(f"\n{n} tasks in {took:.0f} s through {len(flaps)} flaps: 0 lost, 0 duplicated; "
+          f"{taken_over} taken over after a lost lease, {sum(h > 1 for h in hits)} downloaded "
+          f"more than once")
