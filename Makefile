@@ -16,6 +16,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@# The tests drive the service with curl and make TLS certificates with openssl.
 	@command -v curl >/dev/null && command -v openssl >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq curl openssl)
+	@# tests/test_partitions.py builds hosts in network namespaces with ip (iproute2).
+	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@

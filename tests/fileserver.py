@@ -11,10 +11,12 @@ import hashlib
 import random
 import socket
 import threading
+import time
 from functools import lru_cache
 
 from tornado import web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
 BLOCK = 1024 * 1024
@@ -342,3 +344,37 @@ class RawResponseServer:
 
     def url(self, path: str = "/file.bin") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+
+class ThrottleHandler(_Base):
+    """/throttle/<key>/<size>?parts=&delay=: a slow download that records,
+    per key, each request's client address, the bytes it was sent and
+    whether the client hung up first (``ThrottleHandler.requests``)."""
+
+    requests: dict[str, list[dict]] = {}
+
+    async def get(self, key: str, size: str) -> None:
+        n = int(size)
+        parts = int(self.get_argument("parts", "10"))
+        delay = float(self.get_argument("delay", "0.2"))
+        data = body(n, self.seed())
+        record = {"peer": self.request.remote_ip, "sent": 0, "hung_up": False,
+                  "ended_at": None}
+        self.requests.setdefault(key, []).append(record)
+        self.set_header("Content-Length", str(n))
+        step = max(1, -(-n // parts))
+        try:
+            for i in range(0, n, step):
+                self.write(data[i:i + step])
+                await self.flush()
+                record["sent"] = min(n, i + step)
+                await asyncio.sleep(delay)
+        except StreamClosedError:
+            record["hung_up"] = True
+        record["ended_at"] = time.monotonic()
+
+    def on_connection_close(self) -> None:
+        for record in self.requests.get(self.path_args[0], []):
+            if record["peer"] == self.request.remote_ip and record["ended_at"] is None:
+                record["hung_up"] = True
+                record["ended_at"] = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import os
 import uuid
 from typing import Any, Protocol
 
@@ -79,10 +80,19 @@ class Notifiable(Protocol):
     notification: Notification
 
 
+# A test hook, not a setting: MD5LIGHT_CLOCK_OFFSET (seconds) moves this
+# process's clock, so that a test can run a worker whose host clock is
+# wrong. Leases must hold anyway (storage.dbclock).
+_CLOCK_OFFSET = dt.timedelta(seconds=float(os.environ.get("MD5LIGHT_CLOCK_OFFSET") or 0))
+
+# Attempts kept in a task's history (oldest dropped first).
+HISTORY_LIMIT = 10
+
+
 def utcnow() -> dt.datetime:
     # Millisecond precision: BSON dates hold no more, and a compare-and-set
     # must compare equal to what it read back.
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC) + _CLOCK_OFFSET
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
@@ -110,10 +120,12 @@ class Task:
     # Queued: runnable from then on. Running: the worker's lease.
     lease_until: dt.datetime | None = None
     worker: str | None = None
-    # The token of the batched claim that took a fresh task (tells the
-    # claimer which of its batch it won). Later writes of a running task are
-    # conditioned on the worker's name.
+    # The fencing token: every claim sets a fresh one, and every later write
+    # of the running task is conditioned on it, so a worker whose lease was
+    # taken over (even by itself) writes nothing. A batched claim also reads
+    # it back to learn which of its batch it won.
     claim: str | None = None
+    claimed_at: dt.datetime | None = None
     client: str | None = None
     # The fairness lane, from how many unfinished tasks its client had
     # when it was submitted (see storage.queue_scan).
@@ -122,6 +134,10 @@ class Task:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     notification: Notification = dataclasses.field(default_factory=Notification)
+    # The last HISTORY_LIMIT attempts that ended: {worker, claim,
+    # started_at, ended_at, outcome}, outcome one of done, failed, retry,
+    # shutdown, lease_lost.
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
@@ -149,10 +165,10 @@ class Task:
             "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
-            "claim": self.claim, "client": self.client, "lane": self.lane,
-            "created_at": self.created_at,
+            "claim": self.claim, "claimed_at": self.claimed_at, "client": self.client,
+            "lane": self.lane, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "notification": self.notification.to_doc(),
+            "notification": self.notification.to_doc(), "history": self.history,
         }
 
     @classmethod
@@ -170,8 +186,10 @@ class Task:
             error=TaskError.from_doc(doc.get("error")),
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),
-            worker=doc.get("worker"), claim=doc.get("claim"), client=doc.get("client"),
+            worker=doc.get("worker"), claim=doc.get("claim"), claimed_at=doc.get("claimed_at"),
+            client=doc.get("client"),
             lane=doc.get("lane", 0),
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),
-            notification=Notification.from_doc(doc.get("notification")))
+            notification=Notification.from_doc(doc.get("notification")),
+            history=list(doc.get("history") or []))

@@ -49,7 +49,22 @@ def task_view(task: Task) -> dict[str, Any]:
         "finished_at": iso(task.finished_at),
         "notification": {"status": str(note.status), "attempts": note.attempts,
                          "error": note.error, "sent_at": iso(note.sent_at)},
+        "history": [_attempt(entry) for entry in task.history],
+        "finished_by": _finished_by(task),
     }
+
+
+def _attempt(entry: dict[str, Any]) -> dict[str, Any]:
+    # The claim token stays private: it is the fence, not information.
+    return {"worker": entry.get("worker"), "started_at": iso(entry.get("started_at")),
+            "ended_at": iso(entry.get("ended_at")), "outcome": entry.get("outcome")}
+
+
+def _finished_by(task: Task) -> str | None:
+    if not task.status.finished or not task.history:
+        return None
+    last = task.history[-1]
+    return last.get("worker") if last.get("outcome") == str(task.status) else None
 
 
 def iso(value: dt.datetime | None) -> str | None:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from service.backoff import Backoff
@@ -85,6 +86,12 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.config.concurrency)
+        try:
+            await self.store.clock.sync()  # before the first claim compares leases
+        except PyMongoError:
+            pass  # the local clock until a heartbeat gets through
+        log.info("worker %s: database clock offset %+.3f s", self.name,
+                 self.store.clock.offset.total_seconds())
         loops = [asyncio.create_task(self._claim_loop()),
                  asyncio.create_task(self._lease_loop())]
         if self.mail:
@@ -253,17 +260,24 @@ class Worker:
             rounds += 1
             if rounds % MANIFEST_SWEEP_ROUNDS == 0:
                 await self._sweep_manifests()
-            for task_id, (_, download) in list(self.active.items()):
+            for task, download in list(self.active.values()):
                 try:
-                    held = await self.store.queue.renew(task_id, self.name, download.bytes_done,
-                                                        download.bytes_total)
+                    # A renewal later than this is no use (the lease may be
+                    # gone), and one hung on a dead link would hold up the
+                    # others and the moment this worker learns it lost them.
+                    with pymongo.timeout(interval * 2):
+                        held = await self.store.queue.renew(
+                            task, self.name, download.bytes_done, download.bytes_total)
                 except PyMongoError:
                     continue
                 if not held:
                     download.abort(LeaseLost("lease lost"))
             try:
-                await self.store.liveness.heartbeat(self.name, len(self.active), self._stuck())
-                await self.store.counters.flush()
+                with pymongo.timeout(max(interval * 2, 2.0)):
+                    await self.store.clock.sync()
+                    await self.store.liveness.heartbeat(self.name, len(self.active),
+                                                        self._stuck())
+                    await self.store.counters.flush()
             except PyMongoError:
                 pass
 

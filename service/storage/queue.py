@@ -10,8 +10,15 @@ Claims find candidates (``WindowedQueueScan``) and then take them with a
 conditional update on ``_id`` plus the values just read, because
 ``find_one_and_update`` with a non-``_id`` filter gets slower as the
 collection grows on SecantusDB. A lost race just means trying the next
-candidate. Every write of a running task is conditioned on the worker that
-holds it, so a worker whose lease was taken over writes nothing.
+candidate.
+
+Fencing: every claim, a lease takeover included, sets a fresh ``claim``
+token, and every later write of the running task (renew, finish,
+retry_later) is conditioned on {_id, status running, worker, claim}. A
+worker whose lease was taken over, even one cut off from the database while
+it happened, writes nothing when it comes back. Lease ends are set with the
+database's ``$$NOW`` and compared with its clock (storage.dbclock), never
+a worker's own.
 """
 
 from __future__ import annotations
@@ -23,21 +30,29 @@ from typing import Any
 from pymongo import ASCENDING
 
 from service.model.digests import ServerDigest
-from service.model.task import NoteStatus, Status, Task, TaskError
+from service.model.task import HISTORY_LIMIT, NoteStatus, Status, Task, TaskError
 from service.storage.counters import TaskCounters
-from service.storage.database import Collections, after, utcnow
+from service.storage.database import Collections
+from service.storage.dbclock import DatabaseClock
 from service.storage.queue_scan import WindowedQueueScan
 
 # Claim rounds per call, and expired leases looked at per round: bounds on
 # the work of one claim when other workers keep winning the races.
 _CLAIM_ROUNDS = 20
 _EXPIRED_TRIES = 10
+# A task whose try failed transiently on a worker is left to other workers
+# for this long once it is runnable again: the fault may be this worker's
+# (its host cannot reach the file's server), and idle workers poll every
+# POLL_INTERVAL. Past it, the same worker takes it, so one worker alone
+# still retries.
+_LEAVE_TO_OTHERS = dt.timedelta(seconds=2)
 
 
 class TaskQueue:
     def __init__(self, cols: Collections, counters: TaskCounters, max_attempts: int,
-                 lease_seconds: float):
+                 lease_seconds: float, clock: DatabaseClock | None = None):
         self.cols = cols
+        self.clock = clock or DatabaseClock(cols.db)
         self.tasks = cols.tasks
         self.counters = counters
         self.max_attempts = max_attempts
@@ -60,7 +75,7 @@ class TaskQueue:
         for _ in range(_CLAIM_ROUNDS):
             if len(taken) >= limit:
                 break
-            now = utcnow()
+            now = self.clock.now()
             cands = await self.scan.candidates(now, limit - len(taken))
             if not cands:
                 expired = await self._claim_expired(worker, now)
@@ -69,7 +84,10 @@ class TaskQueue:
                 taken.append(expired)
                 continue
             fresh = [c for c in cands if c.get("attempts", 0) == 0]
-            retried = [c for c in cands if c.get("attempts", 0) != 0]
+            retried = [c for c in cands if c.get("attempts", 0) != 0
+                       and not _failed_here_lately(c, worker, now)]
+            if not fresh and not retried:
+                break  # only tasks left to other workers for now
             if fresh:
                 taken += await self._take_fresh(fresh, worker, now)
             for cand in retried:
@@ -99,12 +117,12 @@ class TaskQueue:
                           now: dt.datetime) -> list[dict]:
         token = uuid.uuid4().hex
         changes = {"status": str(Status.RUNNING), "worker": worker, "started_at": now,
-                   "claim": token, "lease_until": self._lease(now)}
+                   "claim": token, "attempts": 1}
         ids = [c["_id"] for c in cands]
         result = await self.tasks.update_many(
             {"_id": {"$in": ids}, "status": Status.QUEUED, "attempts": 0,
              "lease_until": {"$lte": now}},
-            {"$set": changes, "$inc": {"attempts": 1}},
+            [{"$set": {**_literal(changes), **self._leased()}}],
             # By _id: left to itself the planner may walk the claim index,
             # that is, the whole queue.
             hint=[("_id", ASCENDING)])
@@ -117,23 +135,34 @@ class TaskQueue:
                 {"_id": {"$in": ids}, "claim": token}, {"_id": 1}).to_list(None)}
             cands = [c for c in cands if c["_id"] in mine]
         for cand in cands:
-            cand.update(changes)
-            cand["attempts"] = 1
+            cand.update(changes, claimed_at=now, lease_until=self._lease(now))
         return cands
 
+    def _leased(self) -> dict[str, Any]:
+        """A fresh lease, on the database's clock."""
+        return {"claimed_at": "$$NOW",
+                "lease_until": {"$add": ["$$NOW", round(self.lease_seconds * 1000)]}}
+
     async def _take(self, cand: dict, worker: str, now: dt.datetime) -> dict | None:
+        """Take a retried task, or a running one whose lease expired (its
+        holder's attempt goes into the history as lease_lost)."""
         changes: dict[str, Any] = {"status": str(Status.RUNNING), "worker": worker,
-                                   "lease_until": self._lease(now)}
+                                   "claim": uuid.uuid4().hex}
         if cand.get("started_at") is None:
             changes["started_at"] = now
+        update = {**_literal(changes), **self._leased(),
+                  "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}
+        if cand["status"] == Status.RUNNING:
+            update.update(_ended("lease_lost"))
         result = await self.tasks.update_one(
-            {"_id": cand["_id"], "status": cand["status"], "lease_until": cand["lease_until"]},
-            {"$set": changes, "$inc": {"attempts": 1}})
+            {"_id": cand["_id"], "status": cand["status"], "lease_until": cand["lease_until"],
+             "claim": cand.get("claim")},
+            [{"$set": update}])
         if not result.modified_count:
             return None
         if cand["status"] == Status.QUEUED:
             self.counters.count(queued=-1)
-        cand.update(changes)
+        cand.update(changes, claimed_at=now, lease_until=self._lease(now))
         cand["attempts"] = cand.get("attempts", 0) + 1
         return cand
 
@@ -142,18 +171,21 @@ class TaskQueue:
         error = TaskError("worker_lost", f"processing stopped unexpectedly {task.attempts} "
                           "times; giving up")
         await self.tasks.update_one(
-            {"_id": task.id, "status": Status.RUNNING, "lease_until": task.lease_until},
-            {"$set": _finish_fields(task, now, Status.FAILED, error=error)})
+            {"_id": task.id, "status": Status.RUNNING, "lease_until": task.lease_until,
+             "claim": task.claim},
+            {"$set": _finish_fields(task, now, Status.FAILED, error=error),
+             "$push": _history_entry(task, now, "lease_lost")})
 
     # -- while it runs ----------------------------------------------------
 
-    async def renew(self, task_id: str, worker: str, bytes_done: int,
+    async def renew(self, task: Task, worker: str, bytes_done: int,
                     bytes_total: int | None) -> bool:
         """Extend the lease and record progress; False when the lease is lost."""
+        lease_ms = round(self.lease_seconds * 1000)
         result = await self.tasks.update_one(
-            {"_id": task_id, "status": Status.RUNNING, "worker": worker},
-            {"$set": {"lease_until": after(self.lease_seconds),
-                      "bytes_done": bytes_done, "bytes_total": bytes_total}})
+            _held(task, worker),
+            [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]},
+                       **_literal({"bytes_done": bytes_done, "bytes_total": bytes_total})}}])
         return bool(result.matched_count)
 
     # -- ending it --------------------------------------------------------
@@ -166,7 +198,8 @@ class TaskQueue:
         the expected one has both); False when the task is no longer this
         worker's."""
         status = Status.FAILED if error is not None or not digests else Status.DONE
-        fields = _finish_fields(task, utcnow(), status, error=error)
+        now = self.clock.now()
+        fields = _finish_fields(task, now, status, error=error)
         if digests:
             fields["digests"] = digests
             fields["md5"] = digests.get("md5") if status == Status.DONE else None
@@ -178,22 +211,63 @@ class TaskQueue:
             fields["bytes_done"] = bytes_done
             fields["bytes_total"] = bytes_total
         result = await self.tasks.update_one(
-            {"_id": task.id, "status": Status.RUNNING, "worker": worker}, {"$set": fields})
+            _held(task, worker),
+            {"$set": fields, "$push": _history_entry(task, now, str(status), worker)})
         return bool(result.modified_count)
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
                           count_attempt: bool = True) -> bool:
-        """Put a running task back in the queue, runnable after ``delay``."""
-        update: dict[str, Any] = {"$set": {"status": str(Status.QUEUED), "worker": None,
-                                           "lease_until": after(delay),
-                                           "error": error.to_doc(), "bytes_done": 0}}
+        """Put a running task back in the queue, runnable after ``delay``
+        (on the database's clock)."""
+        update: dict[str, Any] = {
+            **_ended("retry" if count_attempt else "shutdown"),
+            **_literal({"status": str(Status.QUEUED), "worker": None,
+                        "error": error.to_doc(), "bytes_done": 0}),
+            "lease_until": {"$add": ["$$NOW", round(delay * 1000)]}}
         if not count_attempt:
-            update["$inc"] = {"attempts": -1}
-        result = await self.tasks.update_one(
-            {"_id": task.id, "status": Status.RUNNING, "worker": worker}, update)
+            update["attempts"] = {"$add": ["$attempts", -1]}
+        result = await self.tasks.update_one(_held(task, worker), [{"$set": update}])
         if result.modified_count:
             self.counters.count(queued=1)
         return bool(result.modified_count)
+
+
+def _held(task: Task, worker: str) -> dict[str, Any]:
+    """The filter of every write of a running task: it must still hold the
+    claim it took, not merely carry the same worker name."""
+    return {"_id": task.id, "status": Status.RUNNING, "worker": worker, "claim": task.claim}
+
+
+def _literal(fields: dict[str, Any]) -> dict[str, Any]:
+    # In an update pipeline a string starting with "$" is a field path and
+    # a dict an expression: values from outside are wrapped.
+    return {key: {"$literal": value} for key, value in fields.items()}
+
+
+def _ended(outcome: str) -> dict[str, Any]:
+    """Pipeline: append the attempt the document holds (its worker, claim
+    and claimed_at, before this update) to the bounded history."""
+    entry = {"worker": "$worker", "claim": "$claim", "started_at": "$claimed_at",
+             "ended_at": "$$NOW", "outcome": {"$literal": outcome}}
+    return {"history": {"$slice": [
+        {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}, -HISTORY_LIMIT]}}
+
+
+def _history_entry(task: Task, now: dt.datetime, outcome: str,
+                   worker: str | None = None) -> dict[str, Any]:
+    entry = {"worker": worker or task.worker, "claim": task.claim,
+             "started_at": task.claimed_at, "ended_at": now, "outcome": outcome}
+    return {"history": {"$each": [entry], "$slice": -HISTORY_LIMIT}}
+
+
+def _failed_here_lately(cand: dict, worker: str, now: dt.datetime) -> bool:
+    """Whether this worker's own try of the task just failed (see
+    _LEAVE_TO_OTHERS)."""
+    history = cand.get("history") or []
+    if not history or history[-1].get("outcome") != "retry":
+        return False
+    return (history[-1].get("worker") == worker
+            and now < cand["lease_until"] + _LEAVE_TO_OTHERS)
 
 
 def _finish_fields(task: Task, now: dt.datetime, status: Status,

@@ -14,6 +14,7 @@ from service.model.manifest import Manifest
 from service.model.task import Task
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
+from service.storage.dbclock import DatabaseClock
 from service.storage.liveness import WorkerLiveness
 from service.storage.manifests import ManifestRecords
 from service.storage.outbox import MailOutbox
@@ -27,9 +28,10 @@ class Store:
         self.cols = Collections.of(client)
         self.config = config
         self.counters = TaskCounters(self.cols)
+        self.clock = DatabaseClock(self.cols.db)
         self.records = TaskRecords(self.cols, self.counters, config.idempotency_ttl)
         self.queue = TaskQueue(self.cols, self.counters, config.max_attempts,
-                               config.lease_seconds)
+                               config.lease_seconds, self.clock)
         self.manifests = ManifestRecords(self.cols, self.counters)
         self.outbox = MailOutbox(self.cols.tasks, Task.from_doc)
         self.manifest_outbox = MailOutbox(self.cols.manifests, Manifest.from_doc)
