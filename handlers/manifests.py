@@ -75,7 +75,10 @@ class ManifestsHandler(JsonHandler):
         if kind == "multipart/form-data":
             fields: dict[str, list[bytes]] = {}
             files: dict[str, list[httputil.HTTPFile]] = {}
-            httputil.parse_body_arguments(ctype, self.body, fields, files)
+            try:
+                httputil.parse_body_arguments(ctype, self.body, fields, files)
+            except (ValueError, httputil.HTTPInputError) as exc:
+                raise web.HTTPError(400, log_message=f"the form is not valid: {exc}") from None
             uploads = [f for group in files.values() for f in group]
             if len(uploads) != 1:
                 raise web.HTTPError(400, log_message="send one manifest file in the form")

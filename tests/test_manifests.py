@@ -254,3 +254,9 @@ def test_cli_check_bad_manifest_exits_2(service, tmp_path):
     path.write_text("nonsense\n")
     out = _check_cli(service, str(path))
     assert out.returncode == 2 and "line 1: not a checksum line" in out.stderr
+
+
+def test_a_multipart_body_without_boundary_is_a_400(service):
+    r = requests.post(service.base + "/manifests", data=b"x",
+                      headers={"Content-Type": "multipart/form-data"}, timeout=10)
+    assert r.status_code == 400 and "form is not valid" in r.json()["error"]
