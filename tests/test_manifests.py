@@ -93,6 +93,11 @@ def test_totals_and_paginated_lines(service, mixed):
     assert {k: doc["totals"][k] for k in ("queued", "running", "ok", "mismatch", "failed")} \
         == {"queued": 0, "running": 0, "ok": 2, "mismatch": 1, "failed": 1}
     assert doc["totals"]["bytes_done"] == sum(SIZES[:3])
+    # What a running manifest's totals are read from, kept as lines ended.
+    stored = MongoClient(service.env["MONGODB_URI"]).get_default_database()["manifests"] \
+        .find_one({"_id": manifest_id})
+    assert {k: stored["counts"][k] for k in ("ok", "mismatch", "failed", "bytes_done")} == \
+        {"ok": 2, "mismatch": 1, "failed": 1, "bytes_done": sum(SIZES[:3])}
     first = requests.get(f"{service.base}/manifests/{manifest_id}", params={"limit": 3},
                          timeout=10).json()
     assert [line["line"] for line in first["results"]] == [1, 2, 3]

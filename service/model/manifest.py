@@ -17,6 +17,7 @@ from service.model.task import NoteStatus, Notification, utcnow
 
 # Where a line stands, as a manifest counts them.
 OUTCOMES = ("queued", "running", "ok", "mismatch", "failed")
+ENDED = ("ok", "mismatch", "failed")
 MAX_LINES = 10_000
 
 
@@ -28,8 +29,12 @@ class Manifest:
     id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
     finished_at: dt.datetime | None = None
-    # Set once every line has ended; until then counted from the tasks.
+    # Set once every line has ended, counted from the tasks.
     totals: dict[str, int] | None = None
+    # Until then: lines ended by outcome, and their bytes, added as each
+    # line ends (a worker that dies in between leaves them one short until
+    # the final count).
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
     # The first lines that did not end well (for the mail), once finished.
     problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notification: Notification = dataclasses.field(default_factory=Notification)
@@ -53,7 +58,7 @@ class Manifest:
         return {"_id": self.id, "lines": self.lines, "email": self.email,
                 "client": self.client, "created_at": self.created_at,
                 "finished_at": self.finished_at, "totals": self.totals,
-                "problems": self.problems,
+                "problems": self.problems, "counts": self.counts,
                 "notification": self.notification.to_doc()}
 
     @classmethod
@@ -61,7 +66,7 @@ class Manifest:
         return cls(id=doc["_id"], lines=doc["lines"], email=doc.get("email"),
                    client=doc.get("client"), created_at=doc["created_at"],
                    finished_at=doc.get("finished_at"), totals=doc.get("totals"),
-                   problems=doc.get("problems") or [],
+                   problems=doc.get("problems") or [], counts=doc.get("counts") or {},
                    notification=Notification.from_doc(doc.get("notification")))
 
 

@@ -203,7 +203,7 @@ class Worker:
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
                      fetched.digests["md5"], download.bytes_done)
-            await self._after_finish(task)
+            await self._after_finish(task, "mismatch" if wrong else "ok", download)
 
     async def _failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
         if exc.transient and task.attempts < self.config.max_attempts:
@@ -222,13 +222,14 @@ class Worker:
                                        bytes_total=download.bytes_total)):
             metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task.id, exc.message)
-            await self._after_finish(task)
+            await self._after_finish(task, "failed", download)
 
-    async def _after_finish(self, task: Task) -> None:
+    async def _after_finish(self, task: Task, ended_as: str, download: Download) -> None:
         manifest = None
         if task.manifest:
             try:
-                manifest = await self.store.manifests.try_finish(task.manifest)
+                manifest = await self.store.manifests.line_ended(
+                    task.manifest, ended_as, download.bytes_done, download.bytes_total)
             except PyMongoError:
                 pass  # the periodic sweep will finish it
         if self.mail and (task.mail_pending or (manifest and manifest.mail_pending)):
