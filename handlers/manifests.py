@@ -107,15 +107,14 @@ class ManifestHandler(JsonHandler):
             return self.send(404, NOT_FOUND)
         totals = await self.db(self.manifests.totals(manifest))
         if fmt == "text":
-            return await self._text(manifest_id, totals)
+            return await self._text(manifest_id, manifest.last_line, totals)
         page = await self.db(self.manifests.lines(manifest_id, after, limit))
         last = after + limit
-        more = last < await self.db(self.manifests.last_line(manifest_id))
+        more = last < manifest.last_line
         self.send(200, manifest_view(manifest, totals, page, last if more else None, limit))
 
-    async def _text(self, manifest_id: str, totals: dict[str, int]) -> None:
+    async def _text(self, manifest_id: str, last: int, totals: dict[str, int]) -> None:
         self.set_header("Content-Type", "text/plain; charset=UTF-8")
-        last = await self.db(self.manifests.last_line(manifest_id))
         for after in range(0, last, MAX_PAGE):
             page = await self.db(self.manifests.lines(manifest_id, after, MAX_PAGE))
             if page:

@@ -30,7 +30,8 @@ class ManifestIntake:
         to refuse the manifest, or the database's error."""
         lines = parse(body, json_body, algorithm, self.policy)
         extra, _ = check_digests(algorithms, None)
-        manifest = Manifest.new(len(lines), check_email(email), self.mail_enabled, client)
+        manifest = Manifest.new(len(lines), lines[-1].number, check_email(email),
+                                self.mail_enabled, client)
         tasks = []
         for line in lines:
             wanted, _ = check_digests(extra + [line.expected.algorithm], None)

@@ -24,6 +24,8 @@ MAX_LINES = 10_000
 @dataclasses.dataclass
 class Manifest:
     lines: int
+    # The number of its last line: blank and comment lines are numbered too.
+    last_line: int = 0
     email: str | None = None
     client: str | None = None
     id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
@@ -40,11 +42,12 @@ class Manifest:
     notification: Notification = dataclasses.field(default_factory=Notification)
 
     @classmethod
-    def new(cls, lines: int, email: str | None, mail_enabled: bool,
+    def new(cls, lines: int, last_line: int, email: str | None, mail_enabled: bool,
             client: str | None = None) -> Manifest:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
-        return cls(lines=lines, email=email, client=client, notification=Notification(note))
+        return cls(lines=lines, last_line=last_line, email=email, client=client,
+                   notification=Notification(note))
 
     @property
     def finished(self) -> bool:
@@ -55,7 +58,8 @@ class Manifest:
         return self.notification.status == NoteStatus.PENDING
 
     def to_doc(self) -> dict[str, Any]:
-        return {"_id": self.id, "lines": self.lines, "email": self.email,
+        return {"_id": self.id, "lines": self.lines, "last_line": self.last_line,
+                "email": self.email,
                 "client": self.client, "created_at": self.created_at,
                 "finished_at": self.finished_at, "totals": self.totals,
                 "problems": self.problems, "counts": self.counts,
@@ -63,7 +67,8 @@ class Manifest:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Manifest:
-        return cls(id=doc["_id"], lines=doc["lines"], email=doc.get("email"),
+        return cls(id=doc["_id"], lines=doc["lines"], last_line=doc.get("last_line", 0),
+                   email=doc.get("email"),
                    client=doc.get("client"), created_at=doc["created_at"],
                    finished_at=doc.get("finished_at"), totals=doc.get("totals"),
                    problems=doc.get("problems") or [], counts=doc.get("counts") or {},

@@ -113,11 +113,6 @@ class ManifestRecords:
                                  sort=[("line", ASCENDING)])
         return [Task.from_doc(doc) for doc in await cursor.to_list(None)]
 
-    async def last_line(self, manifest_id: str) -> int:
-        doc = await self.tasks.find_one({"manifest": manifest_id},
-                                        sort=[("line", -1)], projection={"line": 1})
-        return doc["line"] if doc else 0
-
     async def try_finish(self, manifest_id: str) -> Manifest | None:
         """If every line has ended, record the totals and make the mail due;
         the manifest when this call was the one that finished it."""
