@@ -16,6 +16,7 @@ from service.runtime.metrics import DatabaseGauges
 from service.storage.store import Store
 
 from .base import NotFoundHandler
+from .listing import TaskListHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
@@ -31,7 +32,9 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
         (r"/check", CheckHandler, dict(records=store.records)),
-        (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records)),
+        (r"/tasks", TaskListHandler, dict(history=store.history)),
+        (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records,
+                                              cancellations=store.cancellations)),
         (r"/health", HealthHandler, dict(store=store)),
         (r"/metrics", MetricsHandler, dict(gauges=gauges)),
         (r"/openapi.yaml", OpenAPIHandler),

@@ -3,8 +3,11 @@
     python run.py submit URL [--email E] [--wait] [--server http://127.0.0.1:8000]
 
 Prints the task id; with --wait, shows progress (bytes of total, rate,
-ETA) until it prints the md5 or the failure. Exit status: 0 done (or
-submitted, without --wait), 1 failed, 2 bad input, 3 service unreachable.
+ETA) until it prints the md5 or the failure. Ctrl-C while waiting asks
+whether to cancel the task (DELETE /tasks/<id>); with no terminal on
+stdin to ask on, it leaves the task running. Exit status: 0 done (or
+submitted, without --wait), 1 failed, 2 bad input, 3 service unreachable,
+4 cancelled (by someone else), 130 interrupted by Ctrl-C.
 Only the standard library, so it runs anywhere Python does.
 """
 
@@ -20,6 +23,7 @@ import urllib.parse
 import urllib.request
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CANCELLED, EXIT_INTERRUPTED = 4, 130
 
 
 def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
@@ -82,6 +86,44 @@ def main(argv: list[str]) -> int:
         print(task_id)
         return EXIT_DONE
     print(f"task {task_id}", file=sys.stderr)
+    try:
+        return _wait(server, task_id)
+    except KeyboardInterrupt:
+        return _interrupted(server, task_id)
+
+
+def _interrupted(server: str, task_id: str) -> int:
+    """Ctrl-C while waiting: the task runs on in the service unless the
+    person at the terminal asks to cancel it."""
+    print(file=sys.stderr)
+    if not sys.stdin.isatty():
+        print(f"interrupted; task {task_id} was not cancelled (no terminal to ask on) and "
+              f"keeps running: {server}/tasks/{task_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # The question goes to stderr: stdout carries only results.
+    print(f"Cancel task {task_id}? [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+        print(file=sys.stderr)
+    if answer.strip().lower() not in ("y", "yes"):
+        print(f"task {task_id} keeps running: {server}/tasks/{task_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        code, doc = _call("DELETE", f"{server}/tasks/{task_id}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach {server} to cancel task {task_id}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if code == 200:
+        print(f"task {task_id} cancelled", file=sys.stderr)
+    else:
+        print(f"task {task_id} not cancelled: {doc.get('error') or doc.get('status') or code}",
+              file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _wait(server: str, task_id: str) -> int:
     tty = sys.stderr.isatty()
     last = (time.monotonic(), 0)
     rate = 0.0
@@ -91,7 +133,7 @@ def main(argv: list[str]) -> int:
         except (urllib.error.URLError, OSError):
             time.sleep(1)
             continue
-        if code == 200 and task["status"] in ("done", "failed"):
+        if code == 200 and task["status"] in ("done", "failed", "cancelled"):
             break
         if code == 200:
             now, done = time.monotonic(), task.get("bytes_done") or 0
@@ -108,5 +150,8 @@ def main(argv: list[str]) -> int:
     if task["status"] == "done":
         print(f"{task['md5']}  {task['url']}")
         return EXIT_DONE
+    if task["status"] == "cancelled":
+        print(f"cancelled: task {task_id} was cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
     print(f"failed: {task['error']}", file=sys.stderr)
     return EXIT_FAILED

@@ -42,6 +42,10 @@ def build_message(config: Config, task: Task) -> EmailMessage:
         msg["Subject"] = f"MD5 {task.md5} for {_short(url)}"
         body = (f"The file at\n\n  {url}\n\nhas the MD5 checksum\n\n  {task.md5}\n\n"
                 f"Task: {task.id}\n")
+    elif task.status == Status.CANCELLED:  # only when the cancel asked for a mail
+        msg["Subject"] = f"MD5 cancelled for {_short(url)}"
+        body = (f"The MD5 of\n\n  {url}\n\nwas not computed: the task was cancelled.\n\n"
+                f"Task: {task.id}\n")
     else:
         reason = task.error.message if task.error else "unknown error"
         msg["Subject"] = f"MD5 failed for {_short(url)}"

@@ -29,6 +29,7 @@ from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
+from service.storage.queue import Lease
 from service.storage.store import Store, open_store
 
 log = logging.getLogger("md5light.worker")
@@ -47,6 +48,10 @@ WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 class LeaseLost(Interrupted):
     """Another worker holds the task now: stop, write nothing."""
+
+
+class TaskCancelled(Interrupted):
+    """The task was cancelled (DELETE /tasks/<id>): stop, write nothing."""
 
 
 class ShuttingDown(Interrupted):
@@ -166,6 +171,10 @@ class Worker:
             await self._done(task, download, md5)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
+        except TaskCancelled:
+            # The cancel wrote the task's end; its status is no longer
+            # running, so no write of ours could land anyway.
+            log.info("task %s cancelled while running; download stopped", task.id)
         except ShuttingDown:
             await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
                                         TaskError("shutdown", "worker shutting down"),
@@ -182,10 +191,11 @@ class Worker:
             self.wake.set()
 
     async def _done(self, task: Task, download: Download, md5: str) -> None:
-        metrics.TASKS_FINISHED.labels("done").inc()
         if await self._persist(partial(self.store.queue.finish, task, self.name, md5=md5,
                                        bytes_done=download.bytes_done,
                                        bytes_total=download.bytes_total)):
+            # Counted once recorded: a task cancelled meanwhile is not done.
+            metrics.TASKS_FINISHED.labels("done").inc()
             log.info("task %s done: md5 %s, %d bytes", task.id, md5, download.bytes_done)
             self._after_finish(task)
 
@@ -236,11 +246,13 @@ class Worker:
             await asyncio.sleep(interval)
             for task_id, (_, download) in list(self.active.items()):
                 try:
-                    held = await self.store.queue.renew(task_id, self.name, download.bytes_done,
-                                                        download.bytes_total)
+                    lease = await self.store.queue.renew(task_id, self.name, download.bytes_done,
+                                                         download.bytes_total)
                 except PyMongoError:
                     continue
-                if not held:
+                if lease is Lease.CANCELLED:
+                    download.abort(TaskCancelled("task cancelled"))
+                elif lease is Lease.LOST:
                     download.abort(LeaseLost("lease lost"))
             try:
                 await self.store.liveness.heartbeat(self.name, len(self.active), self._stuck())

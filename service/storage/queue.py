@@ -17,6 +17,7 @@ holds it, so a worker whose lease was taken over writes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import uuid
 from typing import Any
 
@@ -31,6 +32,13 @@ from service.storage.queue_scan import WindowedQueueScan
 # the work of one claim when other workers keep winning the races.
 _CLAIM_ROUNDS = 20
 _EXPIRED_TRIES = 10
+
+
+class Lease(enum.Enum):
+    """What a renewal found."""
+    HELD = "held"
+    LOST = "lost"            # another worker took the task over
+    CANCELLED = "cancelled"  # DELETE /tasks/<id>: stop the download
 
 
 class TaskQueue:
@@ -147,13 +155,19 @@ class TaskQueue:
     # -- while it runs ----------------------------------------------------
 
     async def renew(self, task_id: str, worker: str, bytes_done: int,
-                    bytes_total: int | None) -> bool:
-        """Extend the lease and record progress; False when the lease is lost."""
+                    bytes_total: int | None) -> Lease:
+        """Extend the lease and record progress, unless the task is no
+        longer this worker's: then say whether it was cancelled. Renewals
+        run every second, so a cancel reaches its download within one."""
         result = await self.tasks.update_one(
             {"_id": task_id, "status": Status.RUNNING, "worker": worker},
             {"$set": {"lease_until": after(self.lease_seconds),
                       "bytes_done": bytes_done, "bytes_total": bytes_total}})
-        return bool(result.matched_count)
+        if result.matched_count:
+            return Lease.HELD
+        doc = await self.tasks.find_one({"_id": task_id}, {"status": 1})
+        cancelled = doc is not None and doc.get("status") == Status.CANCELLED
+        return Lease.CANCELLED if cancelled else Lease.LOST
 
     # -- ending it --------------------------------------------------------
 

@@ -10,8 +10,10 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from service.config import Config
+from service.storage.cancellation import Cancellations
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
+from service.storage.history import TaskHistory
 from service.storage.liveness import WorkerLiveness
 from service.storage.outbox import MailOutbox
 from service.storage.queue import TaskQueue
@@ -28,6 +30,8 @@ class Store:
         self.queue = TaskQueue(self.cols, self.counters, config.max_attempts,
                                config.lease_seconds)
         self.outbox = MailOutbox(self.cols.tasks)
+        self.history = TaskHistory(self.cols.tasks)
+        self.cancellations = Cancellations(self.cols, self.counters)
         self.liveness = WorkerLiveness(self.cols.workers)
 
     async def ensure_indexes(self) -> None:
