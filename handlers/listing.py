@@ -73,11 +73,11 @@ def _since(value: str | None) -> dt.datetime | None:
         return None
     try:
         when = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
+        # A time without a zone is taken as UTC, the zone every task date is in.
+        return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    except (ValueError, OverflowError):  # overflow: 9999-12-31T23:59-05:00 is past year 9999
         raise _bad("since must be a date or time in ISO 8601, such as 2025-01-31 or "
                    "2025-01-31T12:00:00Z") from None
-    # A time without a zone is taken as UTC, the zone every task date is in.
-    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
 def _cursor(value: str | None) -> Cursor | None:

@@ -5,6 +5,7 @@ CLI's Ctrl-C and the README's query."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -252,6 +253,7 @@ def test_filters_status_url_since(make_service):
     ({"limit": "١٠"}, "limit must be"),  # Arabic-Indic digits are digits to str.isdigit
     ({"status": "finished"}, "status must be one of queued, running, done, failed, cancelled"),
     ({"since": "yesterday"}, "since must be a date or time in ISO 8601"),
+    ({"since": "9999-12-31T23:59:59-05:00"}, "since must be a date or time"),  # past 9999
     ({"after": "not-a-cursor"}, "after is not a cursor from this service"),
     ({"after": "MTIzLg"}, "after is not a cursor"),            # "123." : no id
     ({"after": "LTEyMy5hYmM"}, "after is not a cursor"),       # "-123.abc"
@@ -269,6 +271,10 @@ def test_repeated_list_parameter_is_400_and_limit_1000_is_fine(service):
     assert r.status_code == 400 and "limit given more than once" in r.json()["error"]
     assert page(service, limit=1000).status_code == 200
     assert page(service, limit=1).status_code == 200
+    # Well-formed cursors at the ends of time: an answer, not a 500.
+    for raw in (b"253402300799999.x", b"0.x", b"946684800000.x"):
+        token = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        assert page(service, after=token, since="2000-01-01").status_code == 200
 
 
 # -- cancelling ---------------------------------------------------------------

@@ -111,7 +111,7 @@ class TaskHistory:
             width = dt.timedelta(seconds=min(86400.0, max(0.01, need / self._rate)))
         found: list[dict] = []
         high: dt.datetime | None = after.created_at if after else None
-        low = top - width
+        low = _back(top, width, floor)
         for first in [True] + [False] * (_MAX_WINDOWS - 1):
             bounds: dict[str, Any] = {"$gte": max(low, floor)}
             if high is not None:
@@ -128,10 +128,19 @@ class TaskHistory:
             growth = _GROWTH if not docs else \
                 min(_GROWTH, max(1.0, _SLACK * (need - len(found)) / len(docs)))
             width = width * growth
-            high, low = low, low - width
+            high, low = low, _back(low, width, floor)
         if not match and found:
             self._rate = len(found) / max(0.001, (top - low).total_seconds())
         found.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
         shown = [Task.from_doc(d) for d in found[:limit]]
         more = len(found) > limit
         return Page(shown, Cursor(shown[-1].created_at, shown[-1].id) if more else None)
+
+
+def _back(when: dt.datetime, width: dt.timedelta, floor: dt.datetime) -> dt.datetime:
+    """``when - width``, but not before ``floor`` (nor before year 1: a
+    cursor far in the future makes for wide windows)."""
+    try:
+        return max(floor, when - width)
+    except OverflowError:
+        return floor
