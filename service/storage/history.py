@@ -92,6 +92,11 @@ class TaskHistory:
         # Tasks per second seen by the last unfiltered page: where the next
         # page starts its first window, instead of at 1 s.
         self._rate: float | None = None
+        # The newest task the last unfiltered first page found. Below it
+        # the density is known, so the window that reaches it after an idle
+        # stretch (empty windows, each four times wider) reads only about a
+        # page below it, not a quarter of that stretch's width of history.
+        self._newest: dt.datetime | None = None
 
     async def page(self, limit: int = PAGE_DEFAULT, status: Status | None = None,
                    url: str | None = None, since: dt.datetime | None = None,
@@ -107,8 +112,11 @@ class TaskHistory:
         floor = max(since, _EPOCH) if since is not None else _EPOCH
         top = after.created_at if after else utcnow()
         width = _FIRST_WINDOW
+        anchor = None
         if not match and self._rate:
             width = dt.timedelta(seconds=min(86400.0, max(0.01, need / self._rate)))
+            if self._newest is not None and after is None:
+                anchor = self._newest - width * _SLACK
         found: list[dict] = []
         high: dt.datetime | None = after.created_at if after else None
         low = _back(top, width, floor)
@@ -129,8 +137,15 @@ class TaskHistory:
                 min(_GROWTH, max(1.0, _SLACK * (need - len(found)) / len(docs)))
             width = width * growth
             high, low = low, _back(low, width, floor)
+            if anchor is not None and low < anchor < high:
+                low, width = anchor, high - anchor
         if not match and found:
-            self._rate = len(found) / max(0.001, (top - low).total_seconds())
+            # Over the span the tasks occupy: an idle stretch above them
+            # says nothing of their density.
+            newest = max(d["created_at"] for d in found)
+            self._rate = len(found) / max(0.001, (newest - low).total_seconds())
+            if after is None:
+                self._newest = newest
         found.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
         shown = [Task.from_doc(d) for d in found[:limit]]
         more = len(found) > limit
