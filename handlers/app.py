@@ -17,6 +17,7 @@ from service.runtime.metrics import DatabaseGauges
 from service.storage.store import Store
 
 from .base import NotFoundHandler
+from .listing import TaskListHandler
 from .manifests import ManifestHandler, ManifestsHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
@@ -33,7 +34,9 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
         (r"/check", CheckHandler, dict(records=store.records)),
-        (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records)),
+        (r"/tasks", TaskListHandler, dict(history=store.history)),
+        (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records,
+                                              cancellations=store.cancellations)),
         (r"/manifests", ManifestsHandler, dict(intake=manifests,
                                                client_ip_header=config.client_ip_header)),
         (r"/manifests/([^/]+)", ManifestHandler, dict(manifests=store.manifests)),

@@ -1,6 +1,10 @@
-"""The public API: submit a URL, check a task, read a task in full."""
+"""The public API: submit a URL, check a task, read a task in full, cancel it."""
 
 from __future__ import annotations
+
+import logging
+
+from tornado import web
 
 from service.intake.admission import (
     RETRY_AFTER_CLIENT,
@@ -14,11 +18,14 @@ from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
 from service.model.task import Task
 from service.model.views import NOT_FOUND, check_view, task_view
-from service.runtime.metrics import SUBMISSIONS
+from service.runtime.metrics import SUBMISSIONS, TASKS_FINISHED
+from service.storage.cancellation import Cancellations, Outcome
 from service.storage.idempotency import IdempotencyConflict
 from service.storage.records import TaskRecords
 
 from .base import SUBMIT_PATIENCE, JsonHandler
+
+log = logging.getLogger("md5light.api")
 
 # Longer than any id this service hands out: not worth a database read.
 MAX_ID_LENGTH = 100
@@ -99,8 +106,41 @@ class CheckHandler(TaskReader):
 
 
 class TaskHandler(TaskReader):
+    def initialize(self, records: TaskRecords,  # type: ignore[override]
+                   cancellations: Cancellations) -> None:
+        super().initialize(records)
+        self.cancellations = cancellations
+
     async def get(self, task_id: str) -> None:
         task = await self.find(task_id)
         if task is None:
             return self.send(404, NOT_FOUND)
         self.send(200, task_view(task))
+
+    async def delete(self, task_id: str) -> None:
+        """Cancel: 200 with the cancelled task (again on a repeat), 409 when
+        it already ended otherwise, 404 when there is no such task."""
+        notify = _flag(self.one(self.arguments(), "notify"))
+        if len(task_id) > MAX_ID_LENGTH:
+            return self.send(404, NOT_FOUND)
+        outcome, task = await self.db(self.cancellations.cancel(task_id, notify))
+        if outcome is Outcome.BUSY:
+            return self.send(409, {"error": "the task changed state while it was being "
+                                            "cancelled; try again"})
+        if task is None:
+            return self.send(404, NOT_FOUND)
+        if outcome is Outcome.FINISHED:
+            return self.send(409, {"error": f"the task already ended as {task.status}; only "
+                                            "a queued or running task can be cancelled"})
+        if outcome is Outcome.CANCELLED:
+            TASKS_FINISHED.labels("cancelled").inc()
+            log.info("task %s cancelled", task.id)
+        self.send(200, task_view(task))
+
+
+def _flag(value: str | None) -> bool:
+    if value is None or value.lower() in ("0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise web.HTTPError(400, log_message="notify must be true or false")

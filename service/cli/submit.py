@@ -6,9 +6,12 @@
 Prints the task id; with --wait, shows progress (bytes of total, rate,
 ETA) until it prints the checksums (``md5sum``'s line for md5 alone, else
 ``sha256sum --tag``'s, one per algorithm) or the failure; with --expect,
-then ``URL: OK`` or ``URL: FAILED`` as ``sha256sum -c`` does. Exit status:
+then ``URL: OK`` or ``URL: FAILED`` as ``sha256sum -c`` does. Ctrl-C
+while waiting asks whether to cancel the task (DELETE /tasks/<id>); with
+no terminal on stdin to ask on, it leaves the task running. Exit status:
 0 done (or submitted, without --wait), 1 failed or mismatch, 2 bad input,
-3 service unreachable.
+3 service unreachable, 4 cancelled (by someone else), 130 interrupted by
+Ctrl-C.
 Only the standard library, so it runs anywhere Python does.
 """
 
@@ -24,6 +27,7 @@ import urllib.parse
 import urllib.request
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CANCELLED, EXIT_INTERRUPTED = 4, 130
 
 
 def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
@@ -99,6 +103,44 @@ def main(argv: list[str]) -> int:
         print(task_id)
         return EXIT_DONE
     print(f"task {task_id}", file=sys.stderr)
+    try:
+        return _wait(server, task_id)
+    except KeyboardInterrupt:
+        return _interrupted(server, task_id)
+
+
+def _interrupted(server: str, task_id: str) -> int:
+    """Ctrl-C while waiting: the task runs on in the service unless the
+    person at the terminal asks to cancel it."""
+    print(file=sys.stderr)
+    if not sys.stdin.isatty():
+        print(f"interrupted; task {task_id} was not cancelled (no terminal to ask on) and "
+              f"keeps running: {server}/tasks/{task_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # The question goes to stderr: stdout carries only results.
+    print(f"Cancel task {task_id}? [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+        print(file=sys.stderr)
+    if answer.strip().lower() not in ("y", "yes"):
+        print(f"task {task_id} keeps running: {server}/tasks/{task_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        code, doc = _call("DELETE", f"{server}/tasks/{task_id}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach {server} to cancel task {task_id}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if code == 200:
+        print(f"task {task_id} cancelled", file=sys.stderr)
+    else:
+        print(f"task {task_id} not cancelled: {doc.get('error') or doc.get('status') or code}",
+              file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _wait(server: str, task_id: str) -> int:
     tty = sys.stderr.isatty()
     last = (time.monotonic(), 0)
     rate = 0.0
@@ -108,7 +150,7 @@ def main(argv: list[str]) -> int:
         except (urllib.error.URLError, OSError):
             time.sleep(1)
             continue
-        if code == 200 and task["status"] in ("done", "failed"):
+        if code == 200 and task["status"] in ("done", "failed", "cancelled"):
             break
         if code == 200:
             now, done = time.monotonic(), task.get("bytes_done") or 0
@@ -138,5 +180,8 @@ def report(task: dict) -> int:
         print(f"{task['url']}: {'OK' if task.get('verified') else 'FAILED'}")
     if task["status"] == "done":
         return EXIT_DONE
+    if task["status"] == "cancelled":
+        print(f"cancelled: task {task['id']} was cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
     print(f"failed: {task['error']}", file=sys.stderr)
     return EXIT_FAILED

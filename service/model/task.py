@@ -22,10 +22,12 @@ class Status(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    # Stopped on request (DELETE /tasks/<id>), queued or running; final.
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
-        return self in (Status.DONE, Status.FAILED)
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
 class NoteStatus(enum.StrEnum):
@@ -35,6 +37,7 @@ class NoteStatus(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"
     SKIPPED = "skipped"  # mail is off on this service
+    CANCELLED = "cancelled"  # the task was cancelled and no mail was asked for
 
 
 @dataclasses.dataclass

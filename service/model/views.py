@@ -29,6 +29,10 @@ def check_view(task: Task) -> tuple[int, dict[str, Any]]:
         if task.verified is False:
             body["verified"] = False
         return 502, body
+    if task.status == Status.CANCELLED:
+        # Gone: the result will never exist (404 would say the task never
+        # did, and 502 that the file's server failed).
+        return 410, {"status": "cancelled", "url": task.url}
     return 202, {"status": "running"}
 
 

@@ -62,6 +62,9 @@ def _subject_and_body(task: Task) -> tuple[str, str]:
         subject = f"Verified {short}" if task.expected else f"Checksums for {short}"
         return subject, (f"The file at\n\n  {url}\n\nhas the checksums\n\n"
                          f"{_digest_lines(task.digests)}\n{verdict}")
+    if task.status == Status.CANCELLED:  # only when the cancel asked for a mail
+        return (f"MD5 cancelled for {short}",
+                f"The MD5 of\n\n  {url}\n\nwas not computed: the task was cancelled.\n")
     reason = task.error.message if task.error else "unknown error"
     if task.verified is False and task.expected:
         return (f"Checksum MISMATCH for {short}",

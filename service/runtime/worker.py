@@ -30,6 +30,7 @@ from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
+from service.storage.queue import Lease
 from service.storage.store import Store
 
 log = logging.getLogger("md5light.worker")
@@ -50,6 +51,10 @@ WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 class LeaseLost(Interrupted):
     """Another worker holds the task now: stop, write nothing."""
+
+
+class TaskCancelled(Interrupted):
+    """The task was cancelled (DELETE /tasks/<id>): stop, write nothing."""
 
 
 class ShuttingDown(Interrupted):
@@ -176,6 +181,10 @@ class Worker:
             await self._done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
+        except TaskCancelled:
+            # The cancel wrote the task's end; its status is no longer
+            # running, so no write of ours could land anyway.
+            log.info("task %s cancelled while running; download stopped", task.id)
         except ShuttingDown:
             await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
                                         TaskError("shutdown", "worker shutting down"),
@@ -200,6 +209,7 @@ class Worker:
                 error=error, verified=None if task.expected is None else not wrong,
                 server_digest=fetched.server, bytes_done=download.bytes_done,
                 bytes_total=download.bytes_total)):
+            # Counted once recorded: a task cancelled meanwhile is not done.
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
                      fetched.digests["md5"], download.bytes_done)
@@ -267,11 +277,13 @@ class Worker:
                     # gone), and one hung on a dead link would hold up the
                     # others and the moment this worker learns it lost them.
                     with pymongo.timeout(interval * 2):
-                        held = await self.store.queue.renew(
+                        lease = await self.store.queue.renew(
                             task, self.name, download.bytes_done, download.bytes_total)
                 except PyMongoError:
                     continue
-                if not held:
+                if lease is Lease.CANCELLED:
+                    download.abort(TaskCancelled("task cancelled"))
+                elif lease is Lease.LOST:
                     download.abort(LeaseLost("lease lost"))
             try:
                 with pymongo.timeout(max(interval * 2, 2.0)):

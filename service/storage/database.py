@@ -70,6 +70,12 @@ class Collections:
         await self.manifests.create_index([("notification.status", ASCENDING),
                                            ("notification.next_at", ASCENDING)],
                                           name="notification_claim")
+        # GET /tasks filtered by status or url: the window of a page holds
+        # only matching entries, however rare the status or the url.
+        await self.tasks.create_index([("status", ASCENDING), ("created_at", DESCENDING)],
+                                      name="list_status")
+        await self.tasks.create_index([("url", ASCENDING), ("created_at", DESCENDING)],
+                                      name="list_url")
         await self.idempotency.create_index("created_at", name="expiry",
                                             expireAfterSeconds=int(idempotency_ttl))
         await self._ensure_retention(task_ttl_days)

@@ -24,6 +24,7 @@ a worker's own.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import uuid
 from typing import Any
 
@@ -46,6 +47,13 @@ _EXPIRED_TRIES = 10
 # POLL_INTERVAL. Past it, the same worker takes it, so one worker alone
 # still retries.
 _LEAVE_TO_OTHERS = dt.timedelta(seconds=2)
+
+
+class Lease(enum.Enum):
+    """What a renewal found."""
+    HELD = "held"
+    LOST = "lost"            # another worker took the task over
+    CANCELLED = "cancelled"  # DELETE /tasks/<id>: stop the download
 
 
 class TaskQueue:
@@ -179,14 +187,21 @@ class TaskQueue:
     # -- while it runs ----------------------------------------------------
 
     async def renew(self, task: Task, worker: str, bytes_done: int,
-                    bytes_total: int | None) -> bool:
-        """Extend the lease and record progress; False when the lease is lost."""
+                    bytes_total: int | None) -> Lease:
+        """Extend the lease and record progress, unless the task is no
+        longer this worker's claim: then say whether it was cancelled.
+        Renewals run every second, so a cancel reaches its download within
+        one."""
         lease_ms = round(self.lease_seconds * 1000)
         result = await self.tasks.update_one(
             _held(task, worker),
             [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]},
                        **_literal({"bytes_done": bytes_done, "bytes_total": bytes_total})}}])
-        return bool(result.matched_count)
+        if result.matched_count:
+            return Lease.HELD
+        doc = await self.tasks.find_one({"_id": task.id}, {"status": 1})
+        cancelled = doc is not None and doc.get("status") == Status.CANCELLED
+        return Lease.CANCELLED if cancelled else Lease.LOST
 
     # -- ending it --------------------------------------------------------
 
