@@ -38,6 +38,7 @@ from service import config as config_mod
 from service.model.task import HISTORY_LIMIT, Status, Task, TaskError
 from service.model.views import task_view
 from service.runtime.embedded_db import daemon_path
+from service.storage.queue import Lease
 from service.storage.store import open_store
 
 # -- fencing, in-process ------------------------------------------------------
@@ -74,20 +75,20 @@ def test_a_stale_claim_writes_nothing(mongo):
             await a.records.create(created)
             [held_by_a] = await a.queue.claim("A", 1)
             assert held_by_a.claim and held_by_a.attempts == 1
-            assert await a.queue.renew(held_by_a, "A", 10, 100)
+            assert await a.queue.renew(held_by_a, "A", 10, 100) is Lease.HELD
             await _expire(a, created.id)
             [held_by_b] = await b.queue.claim("B", 1)
             assert held_by_b.id == created.id and held_by_b.attempts == 2
             assert held_by_b.claim not in (None, held_by_a.claim)
 
-            assert not await a.queue.renew(held_by_a, "A", 99, 100)
-            assert not await a.queue.finish(held_by_a, "A", md5="a" * 32)
+            assert await a.queue.renew(held_by_a, "A", 99, 100) is Lease.LOST
+            assert not await a.queue.finish(held_by_a, "A", digests={"md5": "a" * 32})
             assert not await a.queue.retry_later(held_by_a, "A", 0, TaskError("timeout", "x"))
             doc = await a.cols.tasks.find_one({"_id": created.id})
             assert (doc["status"], doc["worker"], doc["bytes_done"]) == ("running", "B", 10)
 
-            assert await b.queue.renew(held_by_b, "B", 50, 100)
-            assert await b.queue.finish(held_by_b, "B", md5="b" * 32, bytes_done=100,
+            assert await b.queue.renew(held_by_b, "B", 50, 100) is Lease.HELD
+            assert await b.queue.finish(held_by_b, "B", digests={"md5": "b" * 32}, bytes_done=100,
                                         bytes_total=100)
             done = await a.records.get(created.id)
             assert done.status == Status.DONE and done.md5 == "b" * 32
@@ -120,9 +121,9 @@ def test_the_same_worker_name_does_not_pass_the_fence(mongo):
             await _expire(a, created.id)
             [second] = await a.queue.claim("W", 1)
             assert second.claim != first.claim
-            assert not await a.queue.renew(first, "W", 1, None)
-            assert not await a.queue.finish(first, "W", md5="1" * 32)
-            assert await a.queue.finish(second, "W", md5="2" * 32)
+            assert await a.queue.renew(first, "W", 1, None) is Lease.LOST
+            assert not await a.queue.finish(first, "W", digests={"md5": "1" * 32})
+            assert await a.queue.finish(second, "W", digests={"md5": "2" * 32})
             assert (await a.records.get(created.id)).md5 == "2" * 32
         finally:
             await a.close()
