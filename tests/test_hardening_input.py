@@ -203,7 +203,8 @@ def test_duplicate_json_keys_are_400(service, body, name):
     assert r.json() == {"error": f"{name} given more than once"}
 
 
-ROUTES = {"/submit": "POST", "/check?id=x": "GET, HEAD", "/tasks/x": "GET, HEAD",
+ROUTES = {"/submit": "POST", "/check?id=x": "GET, HEAD", "/tasks/x": "GET, HEAD, DELETE",
+          "/tasks": "GET, HEAD",
           "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/openapi.yaml": "GET, HEAD",
           "/manifests": "POST", "/manifests/x": "GET, HEAD"}
 

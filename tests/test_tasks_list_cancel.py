@@ -369,7 +369,9 @@ def test_cancels_racing_claims_end_each_task_once(make_service, slow):
         # Two thirds take a second (the 16 slots fill, the queue grows),
         # one third is instant (claims race the cancel's read and write).
         task_id = svc.submit(slow.url(keys[i], size=20_000, seconds=1.0 if i % 3 else 0))
-        time.sleep(random.uniform(0, 0.05))
+        # Every tenth waits long enough to find its task running even on a
+        # loaded machine; the rest race the claim.
+        time.sleep(random.uniform(0.3, 0.9) if i % 10 == 1 else random.uniform(0, 0.05))
         return task_id, requests.delete(f"{svc.base}/tasks/{task_id}", timeout=30)
 
     with ThreadPoolExecutor(8) as pool:
