@@ -226,10 +226,14 @@ def test_logs_hide_email_addresses(service, files):
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(closed, tmp_path):
-    """Property-based fuzzing of every operation against openapi.yaml."""
+    """Property-based fuzzing of every operation against openapi.yaml. A
+    500 is declared nowhere, so status_code_conformance finds any; the
+    not_a_server_error check is left out because /check answers a failed
+    task with 502 by contract, and schemathesis now finds real task ids
+    (GET /tasks lists them) whose downloads this strict service refused."""
     st = [sys.executable, "-m", "schemathesis.cli"]
     cmd = st + ["run", f"{closed.base}/openapi.yaml", "--url", closed.base,
-                "--checks", "not_a_server_error,status_code_conformance,"
+                "--checks", "status_code_conformance,"
                 "content_type_conformance,response_schema_conformance,"
                 "response_headers_conformance",
                 "--max-examples", "40", "--phases", "examples,coverage,fuzzing",
