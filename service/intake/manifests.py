@@ -9,7 +9,7 @@ from collections.abc import Callable
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
 from service.intake.manifest_parser import parse
-from service.intake.validation import InvalidInput, check_digests, check_email
+from service.intake.validation import check_digests, check_email
 from service.model.manifest import Manifest
 from service.model.task import Task
 from service.storage.store import Store
@@ -50,5 +50,3 @@ class ManifestIntake:
         self.wake()
         return manifest
 
-
-__all__ = ["ManifestIntake", "InvalidInput"]
