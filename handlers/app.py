@@ -28,7 +28,8 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
     """The routes, each handler given what it needs through initialize."""
     admission = Admission(store, config.max_pending_per_client, config.max_queued)
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
-    submissions = Submissions(store, admission, policy, config.mail_enabled, wake)
+    submissions = Submissions(store, admission, policy, config.mail_enabled, wake,
+                              coalesce=config.coalesce)
     manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
     routes: list[Any] = [
         (r"/submit", SubmitHandler, dict(submissions=submissions,

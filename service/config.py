@@ -118,6 +118,8 @@ class Config:
                                   "how often idle workers look for work")
     drain_seconds: float = _field("DRAIN_SECONDS", 10.0, parse_seconds,
                                   "grace period for running downloads on shutdown")
+    coalesce: bool = _field("COALESCE", True, parse_bool,
+                            "submits of a file already queued or running share its download")
     idempotency_ttl: float = _field("IDEMPOTENCY_TTL", 86400.0, parse_seconds,
                                     "how long an Idempotency-Key maps to its task")
     log_level: str = _field("LOG_LEVEL", "INFO", str, "DEBUG, INFO, WARNING or ERROR",

@@ -1,5 +1,7 @@
 """What POST /submit does, apart from speaking HTTP: check the input,
-admit the task under the quotas, store it, wake a worker."""
+admit the task under the quotas, store it (as a follower of a download
+already in flight for the same file, see storage.coalescing), wake a
+worker."""
 
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ class Accepted:
 
 class Submissions:
     def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
-                 mail_enabled: bool, wake: Callable[[], None]):
+                 mail_enabled: bool, wake: Callable[[], None], coalesce: bool = True):
         self.store = store
+        self.coalesce = coalesce
         self.admission = admission
         self.policy = policy
         self.mail_enabled = mail_enabled
@@ -50,13 +53,23 @@ class Submissions:
             verdict = await self.admission.admit(client)
             return verdict.lane
 
+        coalescer, fresh_id = self.store.coalescer, task.id
+        leader = await coalescer.elect(task) if self.coalesce else None
+        if leader is not None:
+            task.follow(leader)
         try:
             task_id = await self.store.records.create(task, key, admit)
         except BaseException:
             if verdict is not None:
                 self.admission.release(client)  # admitted, but never stored
+            if self.coalesce and leader is None:
+                await coalescer.abandon(task, fresh_id)
             raise
-        self.wake()
+        if task_id != fresh_id:  # an idempotent retry: nothing new was stored
+            if self.coalesce and leader is None:
+                await coalescer.abandon(task, fresh_id)
+        elif leader is None or not await coalescer.join(task, leader):
+            self.wake()
         # A new task now holds a place; an idempotent retry takes none.
         standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
                     if verdict is not None else self.admission.peek(client))

@@ -116,6 +116,9 @@ class Task:
     # A line of a manifest: its id and the line's number (from 1).
     manifest: str | None = None
     line: int | None = None
+    # A coalesced submit: the task whose download this one shares
+    # (storage.coalescing); kept once ended, to say where the result came from.
+    follows: str | None = None
     error: TaskError | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -153,6 +156,11 @@ class Task:
         task.lease_until = task.created_at
         return task
 
+    def follow(self, leader: str) -> None:
+        """Wait for ``leader``'s download instead of running: no claim
+        takes a queued task without a ``lease_until``."""
+        self.follows, self.lease_until = leader, None
+
     @property
     def mail_pending(self) -> bool:
         return self.notification.status == NoteStatus.PENDING
@@ -164,7 +172,7 @@ class Task:
             "expected": self.expected.to_doc() if self.expected else None,
             "verified": self.verified,
             "server_digest": self.server_digest.to_doc() if self.server_digest else None,
-            "manifest": self.manifest, "line": self.line,
+            "manifest": self.manifest, "line": self.line, "follows": self.follows,
             "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
@@ -185,7 +193,7 @@ class Task:
             else {ALWAYS: doc["md5"]} if doc.get("md5") else {},
             expected=Checksum.from_doc(doc.get("expected")), verified=doc.get("verified"),
             server_digest=ServerDigest.from_doc(doc.get("server_digest")),
-            manifest=doc.get("manifest"), line=doc.get("line"),
+            manifest=doc.get("manifest"), line=doc.get("line"), follows=doc.get("follows"),
             error=TaskError.from_doc(doc.get("error")),
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),

@@ -44,7 +44,7 @@ def task_view(task: Task) -> dict[str, Any]:
         "algorithms": task.algorithms, "digests": task.digests,
         "expected": str(task.expected) if task.expected else None, "verified": task.verified,
         "server_digest": task.server_digest.to_doc() if task.server_digest else None,
-        "manifest": task.manifest, "line": task.line,
+        "manifest": task.manifest, "line": task.line, "follows": task.follows,
         "error": task.error.message if failed and task.error else None,
         "error_code": task.error.code if failed and task.error else None,
         "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,

@@ -36,9 +36,10 @@ from service.storage.store import Store
 log = logging.getLogger("md5light.worker")
 
 CLAIM_BATCH = 4
-# Lease rounds (about a second each) between looks for manifests whose last
-# line ended in a worker that died before finishing the manifest.
-MANIFEST_SWEEP_ROUNDS = 30
+# Lease rounds (about a second each) between looks for what a worker that
+# died left half done: manifests whose last line ended, coalesced submits
+# whose download ended.
+SWEEP_ROUNDS = 30
 loop_time = time.monotonic  # the clock Download.last_progress is read on
 
 # Waits after failures in a row: of a download (unless the server said how
@@ -235,14 +236,19 @@ class Worker:
             await self._after_finish(task, "failed", download)
 
     async def _after_finish(self, task: Task, ended_as: str, download: Download) -> None:
-        manifest = None
+        manifest, followers = None, 0
+        if task.manifest is None:
+            try:
+                followers = await self.store.coalescer.settle(task)
+            except PyMongoError:
+                pass  # the periodic sweep will end them
         if task.manifest:
             try:
                 manifest = await self.store.manifests.line_ended(
                     task.manifest, ended_as, download.bytes_done, download.bytes_total)
             except PyMongoError:
                 pass  # the periodic sweep will finish it
-        if self.mail and (task.mail_pending or (manifest and manifest.mail_pending)):
+        if self.mail and (task.mail_pending or followers or (manifest and manifest.mail_pending)):
             self.mail.wake.set()
 
     async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
@@ -269,8 +275,8 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             rounds += 1
-            if rounds % MANIFEST_SWEEP_ROUNDS == 0:
-                await self._sweep_manifests()
+            if rounds % SWEEP_ROUNDS == 0:
+                await self._sweep()
             for task, download in list(self.active.values()):
                 try:
                     # A renewal later than this is no use (the lease may be
@@ -294,9 +300,12 @@ class Worker:
             except PyMongoError:
                 pass
 
-    async def _sweep_manifests(self) -> None:
+    async def _sweep(self) -> None:
+        """Finish what a crash left half done: manifests and coalesced
+        submits whose downloads ended."""
         try:
-            if await self.store.manifests.sweep() and self.mail:
+            ended = await self.store.manifests.sweep() + await self.store.coalescer.sweep()
+            if ended and self.mail:
                 self.mail.wake.set()
         except PyMongoError:
             pass

@@ -7,6 +7,8 @@ finish, retry_later) is conditioned on ``running`` and its worker's name.
 Whichever write lands first wins; a cancel that loses reads the task again.
 The worker of a running task learns of it at its next lease renewal (at
 most a second later, see ``TaskQueue.renew``) and closes the download.
+Submits coalesced with a cancelled task are not cancelled with it: the
+oldest of them takes over the download (storage.coalescing).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import enum
 from typing import Any
 
 from service.model.task import NoteStatus, Status, Task
+from service.storage.coalescing import Coalescer
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, utcnow
 
@@ -33,9 +36,10 @@ class Outcome(enum.Enum):
 
 
 class Cancellations:
-    def __init__(self, cols: Collections, counters: TaskCounters):
+    def __init__(self, cols: Collections, counters: TaskCounters, coalescer: Coalescer):
         self.tasks = cols.tasks
         self.counters = counters
+        self.coalescer = coalescer
 
     async def cancel(self, task_id: str, notify: bool = False) -> tuple[Outcome, Task | None]:
         """Cancel a queued or running task. ``notify``: still send the mail
@@ -63,6 +67,9 @@ class Cancellations:
             if result.modified_count:
                 if task.status == Status.QUEUED:
                     self.counters.count(queued=-1)
+                if task.follows is None and task.manifest is None:
+                    # Submits that share its download go on without it.
+                    await self.coalescer.settle(task)
                 after = await self.tasks.find_one({"_id": task_id})
                 return Outcome.CANCELLED, Task.from_doc(after) if after else task
         return Outcome.BUSY, None

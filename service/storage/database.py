@@ -2,7 +2,8 @@
 
 Collections: ``tasks`` (the record and the queue), ``idempotency``
 (Idempotency-Key -> task id, TTL-indexed), ``workers`` (heartbeats for
-/health) and ``stats`` (queue counters for /metrics). ``ensure_indexes``
+/health), ``stats`` (queue counters for /metrics), ``manifests`` and
+``inflight`` (the files being fetched, for coalescing; only ``_id``). ``ensure_indexes``
 creates every index; each is named after the query it serves.
 """
 
@@ -43,12 +44,13 @@ class Collections:
     workers: AsyncCollection
     stats: AsyncCollection
     manifests: AsyncCollection
+    inflight: AsyncCollection
 
     @classmethod
     def of(cls, client: AsyncMongoClient) -> Collections:
         db = client.get_default_database("md5light")
         return cls(client, db, db["tasks"], db["idempotency"], db["workers"], db["stats"],
-                   db["manifests"])
+                   db["manifests"], db["inflight"])
 
     async def ping(self) -> None:
         await self.db.command("ping")

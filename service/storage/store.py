@@ -13,6 +13,7 @@ from service.config import Config
 from service.model.manifest import Manifest
 from service.model.task import Task
 from service.storage.cancellation import Cancellations
+from service.storage.coalescing import Coalescer
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
 from service.storage.dbclock import DatabaseClock
@@ -38,7 +39,8 @@ class Store:
         self.outbox = MailOutbox(self.cols.tasks, Task.from_doc)
         self.manifest_outbox = MailOutbox(self.cols.manifests, Manifest.from_doc)
         self.history = TaskHistory(self.cols.tasks)
-        self.cancellations = Cancellations(self.cols, self.counters)
+        self.coalescer = Coalescer(self.cols, self.counters)
+        self.cancellations = Cancellations(self.cols, self.counters, self.coalescer)
         self.liveness = WorkerLiveness(self.cols.workers)
 
     async def ensure_indexes(self) -> None:
