@@ -406,6 +406,9 @@ class RangeHandler(_Base):
         current = self._validators(version)
         for name, value in current.items():
             self.set_header(name, value)
+        if self.get_argument("repr", None):  # the whole file's, on a 206 too
+            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            self.set_header("Repr-Digest", f"sha-256=:{digest}:")
         start = self._start(record["range"], record["if_range"], current, n)
         mode = self.get_argument("mode", "ranges")
         if start is not None and mode == "416":

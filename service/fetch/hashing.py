@@ -60,7 +60,9 @@ class DigestSink:
         if self._fed:
             raise RuntimeError("a sink cannot change hashers once bytes were hashed")
         states = states or {}
-        self._hashes = {a: ResumableHash(a, states.get(a)) for a in self._hashes}
+        # A saved state may hold one more digest (the server's claim's).
+        names = list(self._hashes) + [a for a in states if a not in self._hashes]
+        self._hashes = {a: ResumableHash(a, states.get(a)) for a in names}
         self._hashed = offset
         self._executor = None
         self.resumable = True
