@@ -144,6 +144,21 @@ class Config:
     max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 1024, int,
                                              "open connections one remote address may hold; "
                                              "more are closed at once (0: no limit)")
+    # A checkpoint rides on the lease renewal (once a second, no extra
+    # round trip) whenever this many new bytes were hashed since the last
+    # one: a crash then re-fetches at most about this much plus a second
+    # of transfer, while a slow download does not rewrite its hash states
+    # every second for a few kilobytes.
+    checkpoint_interval: int = _field("CHECKPOINT_INTERVAL", 16 * 1024**2, parse_size,
+                                      "a long download is checkpointed (for a retry to "
+                                      "resume) each time this many more bytes are hashed")
+    # Resumable hashing (rehashes) holds the GIL and is slower than hashlib
+    # (docs/design.md, "Checkpoints and resuming"): it pays only where
+    # losing the download would cost more than that. 1 GiB is ten seconds
+    # at 100 MB/s, about what DRAIN_SECONDS already grants a deploy.
+    resumable_min_size: int = _field("RESUMABLE_MIN_SIZE", 1024**3, parse_size,
+                                     "downloads larger than this are checkpointed and "
+                                     "resume where they stopped; smaller ones start over")
 
     @property
     def embedded(self) -> bool:
@@ -233,6 +248,8 @@ def _check(config: Config) -> None:
         problems.append("TASK_TTL_DAYS must be positive")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    if config.checkpoint_interval < 1:
+        problems.append("CHECKPOINT_INTERVAL must be at least 1 byte")
     for name in ("max_pending_per_client", "max_queued", "max_connections_per_client"):
         if getattr(config, name) < 0:
             problems.append(f"{name.upper()} must be 0 (no limit) or more")

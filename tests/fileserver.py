@@ -247,6 +247,7 @@ def make_app() -> web.Application:
         (r"/endless", EndlessHandler),
         (r"/gzip/(\d+)", GzipHandler),
         (r"/claims/(\d+)", ClaimsHandler),
+        (r"/range/([\w-]+)/(\d+)", RangeHandler),
     ])
 
 
@@ -378,3 +379,102 @@ class ThrottleHandler(_Base):
             if record["peer"] == self.request.remote_ip and record["ended_at"] is None:
                 record["hung_up"] = True
                 record["ended_at"] = time.monotonic()
+
+
+class RangeHandler(_Base):
+    """/range/<key>/<size>: a file that honours (or not) Range and If-Range,
+    and counts on the server side what each request was sent
+    (``RangeHandler.requests[key]``: range, if_range, status, sent).
+
+    ?validator=etag (strong, the default) | weak | lastmod | none;
+    ?mode=ranges (the default) | ignore (200 to a Range) | 416 | elsewhere
+    (a 206 from another offset); ?cut=N: the first ``cuts`` (1) answers
+    hang up after N body bytes; ?change=N: from the N+1-th request on the
+    file is another one (other bytes, other validator); ?delay=: seconds
+    between 256 KiB pieces."""
+
+    requests: dict[str, list[dict]] = {}
+
+    async def get(self, key: str, size: str) -> None:
+        log = self.requests.setdefault(key, [])
+        version = 1 if len(log) >= int(self.get_argument("change", "1000000")) else 0
+        n = int(size)
+        data = body(n, self.seed() + version)
+        record = {"range": self.request.headers.get("Range"),
+                  "if_range": self.request.headers.get("If-Range"), "status": 200, "sent": 0}
+        log.append(record)
+        current = self._validators(version)
+        for name, value in current.items():
+            self.set_header(name, value)
+        if self.get_argument("repr", None):  # the whole file's, on a 206 too
+            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            self.set_header("Repr-Digest", f"sha-256=:{digest}:")
+        start = self._start(record["range"], record["if_range"], current, n)
+        mode = self.get_argument("mode", "ranges")
+        if start is not None and mode == "416":
+            record["status"] = 416
+            self.set_status(416)
+            self.set_header("Content-Range", f"bytes */{n}")
+            self.finish()
+            return
+        if start is not None and mode in ("ranges", "elsewhere"):
+            if mode == "elsewhere":
+                start = max(0, start - 1000)
+            record["status"] = 206
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{n - 1}/{n}")
+        else:
+            start = 0
+        self.set_header("Content-Length", str(n - start))
+        cut = int(self.get_argument("cut", "-1"))
+        if len(log) > int(self.get_argument("cuts", "1")):
+            cut = -1
+        await self._send(data[start:], record, cut, float(self.get_argument("delay", "0")))
+
+    def _validators(self, version: int) -> dict[str, str]:
+        kind = self.get_argument("validator", "etag")
+        tag = f"v{version}-{self.path_args[1]}"
+        if kind == "etag":
+            return {"ETag": f'"{tag}"'}
+        if kind == "weak":
+            return {"ETag": f'W/"{tag}"'}
+        if kind == "lastmod":
+            return {"Last-Modified": f"Mon, 0{version + 1} Jan 2024 00:00:00 GMT"}
+        return {}
+
+    @staticmethod
+    def _start(header: str | None, if_range: str | None, current: dict[str, str],
+               n: int) -> int | None:
+        """The offset a Range asks for, if If-Range still names this file."""
+        if not header or not header.startswith("bytes=") or not header.endswith("-"):
+            return None
+        if if_range is not None and if_range not in current.values():
+            return None
+        if current.get("ETag", "").startswith("W/"):
+            return None  # a weak ETag cannot satisfy If-Range (RFC 9110)
+        start = int(header[len("bytes="):-1])
+        return start
+
+    async def _send(self, data: bytes, record: dict, cut: int, delay: float) -> None:
+        step = 256 * 1024
+        try:
+            for i in range(0, len(data), step):
+                piece = data[i:i + step]
+                if 0 <= cut < record["sent"] + len(piece):
+                    self.write(piece[:cut - record["sent"]])
+                    await self.flush()
+                    record["sent"] = cut
+                    self.request.connection.stream.close()
+                    return
+                self.write(piece)
+                record["sent"] += len(piece)  # counted as sent if written at all
+                await self.flush()
+                if delay:
+                    await asyncio.sleep(delay)
+        except StreamClosedError:
+            pass
+
+
+def served(key: str) -> int:
+    """Body bytes RangeHandler sent for ``key``, over all requests."""
+    return sum(r["sent"] for r in RangeHandler.requests.get(key, []))

@@ -13,6 +13,11 @@ read-until-close body that is cut off looks, to Tornado, like a complete
 one. An aborted fetch that Tornado still does not resolve is given up
 after ``ABORT_GRACE`` seconds: every download ends, whatever the server
 or the HTTP client does.
+
+A download larger than RESUMABLE_MIN_SIZE is checkpointed as it goes, and
+a retry resumes from its task's checkpoint (``resume``): ``bytes_done``
+counts the file's bytes from offset 0 (the resumed ones included), and
+``fetched`` what this attempt actually received.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import email.utils
 import time
 import urllib.parse
 from concurrent.futures import Executor
+from typing import Any
 
 from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -32,6 +38,7 @@ from tornado.iostream import IOStream
 from service.config import Config, human_size
 from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
+from service.fetch.checkpoint import Checkpoint
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
 from service.fetch.netpolicy import (
@@ -39,6 +46,7 @@ from service.fetch.netpolicy import (
     FilteringResolver,
     parse_overrides,
 )
+from service.fetch.resume import Answer, Resumer
 from service.fetch.server_claims import Claim
 from service.model.digests import ALWAYS, ServerDigest
 
@@ -91,16 +99,29 @@ class Fetched:
     server: ServerDigest | None = None
 
 
+class _StartOver(Interrupted):
+    """The answer to a range request cannot be used: fetch from byte 0."""
+
+
 class Download:
     """One fetch of one URL into its digests."""
 
     def __init__(self, url: str, config: Config, client: AsyncHTTPClient,
-                 executor: Executor | None, algorithms: list[str] | None = None):
+                 executor: Executor | None, algorithms: list[str] | None = None,
+                 checkpoint: Checkpoint | None = None):
         self.url = url
         self.config = config
         self.client = client
         self.algorithms = list(algorithms or [ALWAYS])
-        self.sink = DigestSink(self.algorithms, executor)
+        self.resume = Resumer(config, self.algorithms, checkpoint)
+        self.fetched = 0
+        self._executor = executor
+        self._begin()
+
+    def _begin(self) -> None:
+        """The state of one request (a start over within the attempt
+        begins it anew, with fresh hashers)."""
+        self.sink = DigestSink(self.algorithms, self._executor)
         self.claim: Claim | None = None
         self.bytes_done = 0
         self.bytes_total: int | None = None
@@ -124,7 +145,8 @@ class Download:
             stream.close()
 
     def abort(self, error: FetchError | Interrupted) -> None:
-        if self.error is None:
+        # A reason from outside wins over a start over, which would lose it.
+        if self.error is None or isinstance(self.error, _StartOver):
             self.error = error
         if self._stream is not None:
             self._stream.close()
@@ -153,6 +175,14 @@ class Download:
                            f"{self.bytes_done - at_bytes} bytes in {seconds}")
             self.abort(FetchError("timeout", message, transient=True))
 
+    def checkpoint(self, due: bool = False) -> Checkpoint | None:
+        """The checkpoint a retry would start from (None: byte 0); with
+        ``due``, only a new one worth writing now."""
+        return self.resume.due(self.sink) if due else self.resume.latest(self.sink)
+
+    def progress(self) -> dict[str, Any]:
+        return self.resume.progress(self.fetched)
+
     # -- Tornado callbacks -----------------------------------------------
 
     def _on_header(self, line: str) -> None:
@@ -175,6 +205,19 @@ class Download:
 
     def _on_headers_done(self) -> None:
         status, host = self._status or 0, _host(self.url)
+        answer = self.resume.answer(status, self._headers)
+        if answer is Answer.START_OVER:
+            self.abort(_StartOver("the server's answer to a range request is not usable"))
+            return
+        if answer is Answer.CONTINUE:
+            self.claim, total = self.resume.continue_into(self.sink, self._headers)
+            if total > self.config.max_file_size:
+                self.abort(self._too_large())
+                return
+            self.bytes_done, self.bytes_total = self.sink.hashed, total
+            self._mark = (time.monotonic(), self.bytes_done)
+            self._hashing = True
+            return
         if status in _FOLLOWED and "Location" in self._headers:
             self.abort(FetchError(
                 "redirects", f"more than {self.config.max_redirects} redirects", False))
@@ -198,12 +241,14 @@ class Download:
                                         self.sink.algorithms)
         if self.claim is not None:
             self.sink.add(self.claim.checksum.algorithm)
+        self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim)
         self._hashing = True
 
     def _on_chunk(self, chunk: bytes):
         if not self._hashing or self.error is not None:
             return None
         self.bytes_done += len(chunk)
+        self.fetched += len(chunk)
         self.last_progress = time.monotonic()
         if self.bytes_done > self.config.max_file_size:
             self.abort(self._too_large())
@@ -218,10 +263,18 @@ class Download:
 
     async def run(self) -> Fetched:
         """The digests of the body, or FetchError."""
+        try:
+            return await self._run_once()
+        except _StartOver:
+            self._begin()
+            return await self._run_once()
+
+    async def _run_once(self) -> Fetched:
         request = HTTPRequest(
             self.url, method="GET",
             headers={"Accept-Encoding": "identity", "Accept": "*/*",
-                     "Want-Repr-Digest": server_claims.WANT_REPR_DIGEST},
+                     "Want-Repr-Digest": server_claims.WANT_REPR_DIGEST,
+                     **self.resume.request_headers()},
             user_agent=USER_AGENT, follow_redirects=True,
             max_redirects=self.config.max_redirects,
             decompress_response=False,
@@ -270,6 +323,7 @@ class Download:
             return fetched
         fetched.server = server = server_claims.compare(self.claim, digests)
         if not server.match and self.claim.binding:
+            self.resume.corrupted()
             raise FetchError("corrupted", server=server, transient=True, message=(
                 f"the transfer from {_host(self.url)} was corrupted: its {server.header} "
                 f"header says {server.algorithm} {server.value}, but the "

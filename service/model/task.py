@@ -141,9 +141,17 @@ class Task:
     finished_at: dt.datetime | None = None
     notification: Notification = dataclasses.field(default_factory=Notification)
     # The last HISTORY_LIMIT attempts that ended: {worker, claim,
-    # started_at, ended_at, outcome}, outcome one of done, failed, retry,
-    # shutdown, lease_lost.
+    # started_at, ended_at, outcome, resumed_from, bytes_fetched}, outcome
+    # one of done, failed, retry, shutdown, lease_lost.
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Where a retry resumes a long download (fetch.checkpoint writes and
+    # reads it; here it is an opaque document), or None: from byte 0.
+    checkpoint: dict[str, Any] | None = None
+    # The current (or last) attempt as its worker last reported it:
+    # {resumed_from, fetched, note}; and the bytes received by the
+    # attempts before it, so that re-fetched bytes show.
+    attempt: dict[str, Any] | None = None
+    bytes_fetched: int = 0
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
@@ -180,6 +188,8 @@ class Task:
             "lane": self.lane, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "notification": self.notification.to_doc(), "history": self.history,
+            "checkpoint": self.checkpoint, "attempt": self.attempt,
+            "bytes_fetched": self.bytes_fetched,
         }
 
     @classmethod
@@ -203,4 +213,6 @@ class Task:
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),
             notification=Notification.from_doc(doc.get("notification")),
-            history=list(doc.get("history") or []))
+            history=list(doc.get("history") or []),
+            checkpoint=doc.get("checkpoint"), attempt=doc.get("attempt"),
+            bytes_fetched=doc.get("bytes_fetched", 0))

@@ -55,13 +55,27 @@ def task_view(task: Task) -> dict[str, Any]:
                          "error": note.error, "sent_at": iso(note.sent_at)},
         "history": [_attempt(entry) for entry in task.history],
         "finished_by": _finished_by(task),
+        **_resume_view(task),
     }
 
 
 def _attempt(entry: dict[str, Any]) -> dict[str, Any]:
     # The claim token stays private: it is the fence, not information.
     return {"worker": entry.get("worker"), "started_at": iso(entry.get("started_at")),
-            "ended_at": iso(entry.get("ended_at")), "outcome": entry.get("outcome")}
+            "ended_at": iso(entry.get("ended_at")), "outcome": entry.get("outcome"),
+            "resumed_from": entry.get("resumed_from"),
+            "bytes_fetched": entry.get("bytes_fetched")}
+
+
+def _resume_view(task: Task) -> dict[str, Any]:
+    """Progress across attempts: the hash states and validator stay
+    private; only how far a retry would resume shows."""
+    attempt = task.attempt or {}
+    checkpoint = task.checkpoint or {}
+    return {"bytes_fetched": task.bytes_fetched + (attempt.get("fetched") or 0),
+            "resumed_from": attempt.get("resumed_from"),
+            "checkpoint_offset": checkpoint.get("offset"),
+            "resume_note": attempt.get("note")}
 
 
 def _finished_by(task: Task) -> str | None:

@@ -23,6 +23,7 @@ from pymongo.errors import PyMongoError
 
 from service.backoff import Backoff
 from service.config import Config
+from service.fetch.checkpoint import Checkpoint
 from service.fetch.download import Download, Fetched, FetchError, Interrupted, make_client
 from service.model.digests import mismatch
 from service.model.task import Task, TaskError
@@ -159,7 +160,7 @@ class Worker:
 
     def _start(self, task: Task) -> None:
         download = Download(task.url, self.config, self.client, self.hash_executor,
-                            task.algorithms)
+                            task.algorithms, Checkpoint.from_doc(task.checkpoint))
         self.active[task.id] = (task, download)
         job = asyncio.create_task(self._process(task, download))
         self._jobs.add(job)
@@ -178,7 +179,7 @@ class Worker:
                 fetched = await download.run()
             finally:
                 metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
-                metrics.BYTES_HASHED.inc(download.bytes_done)
+                metrics.BYTES_HASHED.inc(download.fetched)
             await self._done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
@@ -187,9 +188,10 @@ class Worker:
             # running, so no write of ours could land anyway.
             log.info("task %s cancelled while running; download stopped", task.id)
         except ShuttingDown:
+            # Checkpointed as it stops, so that a deploy costs no bytes.
             await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
                                         TaskError("shutdown", "worker shutting down"),
-                                        count_attempt=False))
+                                        count_attempt=False, **_resume_fields(download)))
             log.info("task %s returned to the queue (worker shutting down)", task.id)
         except FetchError as exc:
             await self._failed_try(task, download, exc)
@@ -209,7 +211,7 @@ class Worker:
                 self.store.queue.finish, task, self.name, digests=fetched.digests,
                 error=error, verified=None if task.expected is None else not wrong,
                 server_digest=fetched.server, bytes_done=download.bytes_done,
-                bytes_total=download.bytes_total)):
+                bytes_total=download.bytes_total, attempt=download.progress())):
             # Counted once recorded: a task cancelled meanwhile is not done.
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
@@ -222,7 +224,8 @@ class Worker:
                 self.download_retry.delay(task.attempts)
             delay = min(delay, DOWNLOAD_RETRY_CAP)
             if await self._persist(partial(self.store.queue.retry_later, task, self.name,
-                                           delay, exc.as_task_error())):
+                                           delay, exc.as_task_error(),
+                                           **_resume_fields(download))):
                 metrics.TASK_RETRIES.labels(exc.code).inc()
                 log.info("task %s attempt %d failed (%s); retrying in %.1f s", task.id,
                          task.attempts, exc.message, delay)
@@ -230,7 +233,8 @@ class Worker:
         if await self._persist(partial(self.store.queue.finish, task, self.name,
                                        error=exc.as_task_error(), server_digest=exc.server,
                                        bytes_done=download.bytes_done,
-                                       bytes_total=download.bytes_total)):
+                                       bytes_total=download.bytes_total,
+                                       attempt=download.progress())):
             metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task.id, exc.message)
             await self._after_finish(task, "failed", download)
@@ -282,9 +286,11 @@ class Worker:
                     # A renewal later than this is no use (the lease may be
                     # gone), and one hung on a dead link would hold up the
                     # others and the moment this worker learns it lost them.
+                    due = download.checkpoint(due=True)
                     with pymongo.timeout(interval * 2):
                         lease = await self.store.queue.renew(
-                            task, self.name, download.bytes_done, download.bytes_total)
+                            task, self.name, download.bytes_done, download.bytes_total,
+                            due.to_doc() if due else None, download.progress())
                 except PyMongoError:
                     continue
                 if lease is Lease.CANCELLED:
@@ -316,3 +322,10 @@ class Worker:
         fault in this worker, which /health then reports."""
         limit = loop_time() - 2 * self.config.idle_timeout
         return sum(1 for _, download in self.active.values() if download.last_progress < limit)
+
+
+def _resume_fields(download: Download) -> dict:
+    """Where the retry of a download resumes, and how this attempt went."""
+    latest = download.checkpoint()
+    return {"checkpoint": latest.to_doc() if latest else None,
+            "attempt": download.progress()}

@@ -187,16 +187,22 @@ class TaskQueue:
     # -- while it runs ----------------------------------------------------
 
     async def renew(self, task: Task, worker: str, bytes_done: int,
-                    bytes_total: int | None) -> Lease:
+                    bytes_total: int | None, checkpoint: dict[str, Any] | None = None,
+                    attempt: dict[str, Any] | None = None) -> Lease:
         """Extend the lease and record progress, unless the task is no
         longer this worker's claim: then say whether it was cancelled.
         Renewals run every second, so a cancel reaches its download within
-        one."""
+        one. A new ``checkpoint`` and the ``attempt``'s progress ride on
+        the same write: resuming costs no extra round trip."""
         lease_ms = round(self.lease_seconds * 1000)
+        progress: dict[str, Any] = {"bytes_done": bytes_done, "bytes_total": bytes_total}
+        if checkpoint is not None:
+            progress["checkpoint"] = checkpoint
+        if attempt is not None:
+            progress["attempt"] = attempt
         result = await self.tasks.update_one(
             _held(task, worker),
-            [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]},
-                       **_literal({"bytes_done": bytes_done, "bytes_total": bytes_total})}}])
+            [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]}, **_literal(progress)}}])
         if result.matched_count:
             return Lease.HELD
         doc = await self.tasks.find_one({"_id": task.id}, {"status": 1})
@@ -208,10 +214,11 @@ class TaskQueue:
     async def finish(self, task: Task, worker: str, digests: dict[str, str] | None = None,
                      error: TaskError | None = None, bytes_done: int | None = None,
                      bytes_total: int | None = None, verified: bool | None = None,
-                     server_digest: ServerDigest | None = None) -> bool:
+                     server_digest: ServerDigest | None = None,
+                     attempt: dict[str, Any] | None = None) -> bool:
         """Done with ``digests``, or failed with ``error`` (a file that is not
         the expected one has both); False when the task is no longer this
-        worker's."""
+        worker's. ``attempt``: this attempt's final progress."""
         status = Status.FAILED if error is not None or not digests else Status.DONE
         now = self.clock.now()
         fields = _finish_fields(task, now, status, error=error)
@@ -225,23 +232,32 @@ class TaskQueue:
         if bytes_done is not None:
             fields["bytes_done"] = bytes_done
             fields["bytes_total"] = bytes_total
+        if attempt is not None:
+            fields["attempt"] = attempt
         result = await self.tasks.update_one(
             _held(task, worker),
-            {"$set": fields, "$push": _history_entry(task, now, str(status), worker)})
+            {"$set": fields,
+             "$push": _history_entry(task, now, str(status), worker, attempt)})
         return bool(result.modified_count)
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
-                          count_attempt: bool = True) -> bool:
+                          count_attempt: bool = True, checkpoint: dict[str, Any] | None = None,
+                          attempt: dict[str, Any] | None = None) -> bool:
         """Put a running task back in the queue, runnable after ``delay``
-        (on the database's clock)."""
+        (on the database's clock), to resume from ``checkpoint`` (None:
+        from byte 0). ``attempt``: this attempt's final progress."""
         update: dict[str, Any] = {
             **_ended("retry" if count_attempt else "shutdown"),
             **_literal({"status": str(Status.QUEUED), "worker": None,
-                        "error": error.to_doc(), "bytes_done": 0}),
+                        "error": error.to_doc(), "checkpoint": checkpoint,
+                        "bytes_done": checkpoint["offset"] if checkpoint else 0}),
             "lease_until": {"$add": ["$$NOW", round(delay * 1000)]}}
         if not count_attempt:
             update["attempts"] = {"$add": ["$attempts", -1]}
-        result = await self.tasks.update_one(_held(task, worker), [{"$set": update}])
+        # The attempt's last progress first: the history entry reads it.
+        stages = ([{"$set": _literal({"attempt": attempt})}] if attempt is not None else []) \
+            + [{"$set": update}]
+        result = await self.tasks.update_one(_held(task, worker), stages)
         if result.modified_count:
             self.counters.count(queued=1)
         return bool(result.modified_count)
@@ -263,15 +279,25 @@ def _ended(outcome: str) -> dict[str, Any]:
     """Pipeline: append the attempt the document holds (its worker, claim
     and claimed_at, before this update) to the bounded history."""
     entry = {"worker": "$worker", "claim": "$claim", "started_at": "$claimed_at",
-             "ended_at": "$$NOW", "outcome": {"$literal": outcome}}
+             "ended_at": "$$NOW", "outcome": {"$literal": outcome},
+             "resumed_from": {"$ifNull": ["$attempt.resumed_from", None]},
+             "bytes_fetched": {"$ifNull": ["$attempt.fetched", 0]}}
+    # The attempt's bytes join the task's total, and the next attempt
+    # starts its own count.
     return {"history": {"$slice": [
-        {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}, -HISTORY_LIMIT]}}
+        {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}, -HISTORY_LIMIT]},
+        "bytes_fetched": {"$add": [{"$ifNull": ["$bytes_fetched", 0]},
+                                   {"$ifNull": ["$attempt.fetched", 0]}]},
+        "attempt": {"$literal": None}}
 
 
-def _history_entry(task: Task, now: dt.datetime, outcome: str,
-                   worker: str | None = None) -> dict[str, Any]:
+def _history_entry(task: Task, now: dt.datetime, outcome: str, worker: str | None = None,
+                   attempt: dict[str, Any] | None = None) -> dict[str, Any]:
+    attempt = attempt or task.attempt or {}
     entry = {"worker": worker or task.worker, "claim": task.claim,
-             "started_at": task.claimed_at, "ended_at": now, "outcome": outcome}
+             "started_at": task.claimed_at, "ended_at": now, "outcome": outcome,
+             "resumed_from": attempt.get("resumed_from"),
+             "bytes_fetched": attempt.get("fetched") or 0}
     return {"history": {"$each": [entry], "$slice": -HISTORY_LIMIT}}
 
 
@@ -289,7 +315,7 @@ def _finish_fields(task: Task, now: dt.datetime, status: Status,
                    error: TaskError | None = None) -> dict[str, Any]:
     fields: dict[str, Any] = {"status": str(status), "md5": None,
                               "error": error.to_doc() if error else None,
-                              "finished_at": now, "lease_until": None}
+                              "finished_at": now, "lease_until": None, "checkpoint": None}
     if task.notification.status == NoteStatus.PENDING:
         fields["notification.next_at"] = now  # the mail is due now
     return fields
