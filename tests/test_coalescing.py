@@ -49,7 +49,13 @@ def db_of(svc: Service):
 
 
 def submit(svc: Service, url: str, **data) -> str:
-    r = requests.post(svc.base + "/submit", data={"url": url, **data}, timeout=30)
+    # A 503 says "try again shortly" (a database call slower than the API's
+    # patience, on a loaded machine): a client retries, and so does this.
+    for _ in range(5):
+        r = requests.post(svc.base + "/submit", data={"url": url, **data}, timeout=30)
+        if r.status_code != 503:
+            break
+        time.sleep(1)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 

@@ -19,7 +19,8 @@ from tornado.httpclient import AsyncHTTPClient
 from fileserver import RawResponseServer, md5_of
 from service import config as config_mod
 from service.fetch import tornado_hooks as httpclient_hooks
-from service.fetch.download import Download, FetchError, make_client
+from service.fetch.client import make_client
+from service.fetch.download import Download, FetchError
 
 OK = b"HTTP/1.1 200 OK\r\n"
 LONG_EXTENSION = OK + (b"Transfer-Encoding: chunked\r\n\r\n5;note=" + b"x" * 80

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import time
-import urllib.parse
 from concurrent.futures import Executor
 from typing import Any
 
@@ -39,13 +37,9 @@ from service.config import Config, human_size
 from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
 from service.fetch.checkpoint import Checkpoint
+from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
-from service.fetch.netpolicy import (
-    AddressPolicy,
-    FilteringResolver,
-    parse_overrides,
-)
 from service.fetch.resume import Answer, Resumer
 from service.fetch.server_claims import Claim
 from service.model.digests import ALWAYS, ServerDigest
@@ -54,41 +48,8 @@ USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # The redirects Tornado follows; any other 3xx is an answer, not a hop.
 _FOLLOWED = {301, 302, 303, 307, 308}
-MAX_HEADER_SIZE = 64 * 1024
 # How long an aborted fetch may take to wind down before it is given up.
 ABORT_GRACE = 2.0
-
-
-def make_client(config: Config) -> AsyncHTTPClient:
-    """One client per worker process, sized to its concurrency so that no
-    request waits in Tornado's queue (where it would time out)."""
-    resolver = FilteringResolver(
-        policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
-        overrides=parse_overrides(config.resolve))
-    # max_body_size is left unbounded: the Download enforces MAX_FILE_SIZE
-    # itself, so that hitting it reads as "too large" and not as a dropped
-    # connection, whatever the framing (length, chunked, until close).
-    return hooks.make_client(resolver, config.concurrency, MAX_HEADER_SIZE)
-
-
-def _host(url: str) -> str:
-    try:
-        return urllib.parse.urlsplit(url).hostname or url
-    except ValueError:
-        return url
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclasses.dataclass
@@ -169,9 +130,9 @@ class Download:
         elif now - since >= self.config.idle_timeout:
             seconds = f"{self.config.idle_timeout:g} s"
             if now - self.last_progress >= self.config.idle_timeout:
-                message = f"no data from {_host(self.url)} for {seconds}"
+                message = f"no data from {host_of(self.url)} for {seconds}"
             else:
-                message = (f"download from {_host(self.url)} stalled: "
+                message = (f"download from {host_of(self.url)} stalled: "
                            f"{self.bytes_done - at_bytes} bytes in {seconds}")
             self.abort(FetchError("timeout", message, transient=True))
 
@@ -204,7 +165,7 @@ class Download:
         self._on_headers_done()
 
     def _on_headers_done(self) -> None:
-        status, host = self._status or 0, _host(self.url)
+        status, host = self._status or 0, host_of(self.url)
         answer = self.resume.answer(status, self._headers)
         if answer is Answer.START_OVER:
             self.abort(_StartOver("the server's answer to a range request is not usable"))
@@ -228,7 +189,7 @@ class Download:
             if 300 <= status < 400:
                 message += " (not a redirect this service follows)"
             self.abort(FetchError("http_status", message, transient,
-                                  _retry_after(self._headers.get("Retry-After"))))
+                                  retry_after_seconds(self._headers.get("Retry-After"))))
             return
         length = self._headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
@@ -307,13 +268,13 @@ class Download:
             raise self.error
         if response is None or response.code == 599 or not self._hashing:
             await self.sink.discard()
-            host = _host(response.effective_url if response and response.effective_url
+            host = host_of(response.effective_url if response and response.effective_url
                          else self.url)
             raise classify(fetch_exc, host, self.bytes_done, self.config.connect_timeout)
         if self.bytes_total is not None and self.bytes_done != self.bytes_total:
             await self.sink.discard()
             raise FetchError("truncated", (
-                f"{_host(self.url)} sent {self.bytes_done} bytes but announced "
+                f"{host_of(self.url)} sent {self.bytes_done} bytes but announced "
                 f"{self.bytes_total}"), True)
         return self._checked(await self.sink.hexdigests())
 
@@ -325,7 +286,7 @@ class Download:
         if not server.match and self.claim.binding:
             self.resume.corrupted()
             raise FetchError("corrupted", server=server, transient=True, message=(
-                f"the transfer from {_host(self.url)} was corrupted: its {server.header} "
+                f"the transfer from {host_of(self.url)} was corrupted: its {server.header} "
                 f"header says {server.algorithm} {server.value}, but the "
                 f"{self.bytes_done} bytes received hash to {digests[server.algorithm]}"))
         return fetched

@@ -24,7 +24,8 @@ from pymongo.errors import PyMongoError
 from service.backoff import Backoff
 from service.config import Config
 from service.fetch.checkpoint import Checkpoint
-from service.fetch.download import Download, Fetched, FetchError, Interrupted, make_client
+from service.fetch.client import make_client
+from service.fetch.download import Download, Fetched, FetchError, Interrupted
 from service.model.digests import mismatch
 from service.model.task import Task, TaskError
 from service.notify.mailer import Mailer

@@ -1,0 +1,48 @@
+"""The HTTP client a worker downloads with, and what the download reads
+off a response's headers besides the body."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+import urllib.parse
+
+from tornado.httpclient import AsyncHTTPClient
+
+from service.config import Config
+from service.fetch import tornado_hooks as hooks
+from service.fetch.netpolicy import AddressPolicy, FilteringResolver, parse_overrides
+
+MAX_HEADER_SIZE = 64 * 1024
+
+
+def make_client(config: Config) -> AsyncHTTPClient:
+    """One client per worker process, sized to its concurrency so that no
+    request waits in Tornado's queue (where it would time out)."""
+    resolver = FilteringResolver(
+        policy=AddressPolicy(config.allow_private_urls, config.allow_networks),
+        overrides=parse_overrides(config.resolve))
+    # max_body_size is left unbounded: the Download enforces MAX_FILE_SIZE
+    # itself, so that hitting it reads as "too large" and not as a dropped
+    # connection, whatever the framing (length, chunked, until close).
+    return hooks.make_client(resolver, config.concurrency, MAX_HEADER_SIZE)
+
+
+def host_of(url: str) -> str:
+    try:
+        return urllib.parse.urlsplit(url).hostname or url
+    except ValueError:
+        return url
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
