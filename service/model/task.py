@@ -76,6 +76,41 @@ class Notification:
                    worker=doc.get("worker"))
 
 
+class CallbackStatus(enum.StrEnum):
+    """Where the task's webhook stands."""
+    PENDING = "pending"      # to be posted (or being posted) once the task ends
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"        # refused for good, or out of attempts
+
+
+@dataclasses.dataclass
+class Callback:
+    """The webhook a submit asked for (``callback_url``), posted when the
+    task ends; the outbox's fields mirror the mail's."""
+    url: str
+    status: CallbackStatus = CallbackStatus.PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: dt.datetime | None = None
+    # When the post is due; a sender's claim moves it forward (its lease).
+    next_at: dt.datetime | None = None
+    worker: str | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"url": self.url, "status": str(self.status), "attempts": self.attempts,
+                "last_error": self.last_error, "delivered_at": self.delivered_at,
+                "next_at": self.next_at, "worker": self.worker}
+
+    @classmethod
+    def from_doc(cls, doc: dict | None) -> Callback | None:
+        if not doc:
+            return None
+        return cls(url=doc["url"], status=CallbackStatus(doc.get("status", "pending")),
+                   attempts=doc.get("attempts", 0), last_error=doc.get("last_error"),
+                   delivered_at=doc.get("delivered_at"), next_at=doc.get("next_at"),
+                   worker=doc.get("worker"))
+
+
 class Notifiable(Protocol):
     """What a mail is about: a task, or a manifest."""
     id: str
@@ -141,21 +176,27 @@ class Task:
     # started_at, ended_at, outcome}, outcome one of done, failed, retry,
     # shutdown, lease_lost.
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    callback: Callback | None = None
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
             client: str | None = None, algorithms: list[str] | None = None,
-            expected: Checksum | None = None) -> Task:
+            expected: Checksum | None = None, callback_url: str | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
         task = cls(url=url, email=email, client=client, notification=Notification(note),
-                   algorithms=list(algorithms or [ALWAYS]), expected=expected)
+                   algorithms=list(algorithms or [ALWAYS]), expected=expected,
+                   callback=Callback(callback_url) if callback_url else None)
         task.lease_until = task.created_at
         return task
 
     @property
     def mail_pending(self) -> bool:
         return self.notification.status == NoteStatus.PENDING
+
+    @property
+    def callback_pending(self) -> bool:
+        return self.callback is not None and self.callback.status == CallbackStatus.PENDING
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -172,6 +213,7 @@ class Task:
             "lane": self.lane, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "notification": self.notification.to_doc(), "history": self.history,
+            "callback": self.callback.to_doc() if self.callback else None,
         }
 
     @classmethod
@@ -195,4 +237,5 @@ class Task:
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),
             notification=Notification.from_doc(doc.get("notification")),
-            history=list(doc.get("history") or []))
+            history=list(doc.get("history") or []),
+            callback=Callback.from_doc(doc.get("callback")))
