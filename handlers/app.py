@@ -29,6 +29,7 @@ from .events import EventsHandler
 from .listing import TaskListHandler
 from .manifests import ManifestHandler, ManifestsHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
+from .page import STATIC, PageHandler, StaticHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
@@ -58,6 +59,8 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/health", HealthHandler, dict(store=store)),
         (r"/metrics", MetricsHandler, dict(gauges=gauges)),
         (r"/openapi.yaml", OpenAPIHandler),
+        (r"/", PageHandler, dict(path=str(STATIC))),
+        (r"/static/(.*)", StaticHandler, dict(path=str(STATIC))),
     ]
     return web.Application(
         routes, default_handler_class=NotFoundHandler,

@@ -231,3 +231,17 @@ def test_500_streams_cost_the_database_what_5_do(logs, tmp_path):
     # caught half-way.
     assert per_round_5 <= 1.2
     assert per_round_500 <= per_round_5 + 0.2
+
+
+@pytest.mark.parametrize("path", ["/tasks/x/events", "/manifests/x/events"])
+def test_event_routes_allow_get_and_head_only(service, path):
+    r = requests.post(service.base + path, timeout=10)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+    assert r.json() == {"error": "method not allowed"}
+
+
+def test_head_of_a_stream_is_its_headers_alone(service, files):
+    task_id = service.submit(files.url("/bytes/10"))
+    r = requests.head(f"{service.base}/tasks/{task_id}/events", timeout=10)
+    assert r.status_code == 200 and r.content == b""
+    assert r.headers["Content-Type"].startswith("text/event-stream")

@@ -6,8 +6,10 @@ the same address policy as downloads."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -189,3 +191,20 @@ def test_payload_is_the_task_json(make_service, files, receiver):
     view = svc.task(task_id)
     view.pop("callback")
     assert body == view
+
+
+def test_the_readme_receiver_snippet_verifies_a_real_webhook(make_service, files, receiver):
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Webhooks"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the README's own code, run as a receiver would
+    svc = make_service(**QUICK)
+    key = _key()
+    task_id = _submit(svc, files.url("/bytes/10?seed=65"), receiver.url(f"/hook/{key}"))
+    _callback_settles(svc, task_id)
+    post = HookHandler.received[key][0]
+    headers = {k.lower(): v for k, v in post["headers"].items()}
+    assert scope["verify"](SECRET, post["body"], headers)["id"] == task_id
+    with pytest.raises(ValueError, match="bad signature"):
+        scope["verify"](SECRET, post["body"] + b" ", headers)
