@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 from fileserver import md5_of
+from playwright.sync_api import sync_playwright
 from servicectl import ROOT, Service
 
 from handlers.page import CSP
@@ -33,11 +34,10 @@ def site(mongo, logs):
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as p:
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield chromium
         chromium.close()
