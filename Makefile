@@ -28,6 +28,9 @@ run: $(STAMP)
 	$(BIN)/python run.py $(ARGS)
 
 test: $(STAMP) $(MONGOSH)
+	@# tests/test_page.py drives Debian's Chromium through Playwright (whose
+	@# own browser download does not work here).
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff and mypy on the service's code (CI runs this before the tests).

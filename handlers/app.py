@@ -13,13 +13,23 @@ from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
 from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
-from service.runtime.metrics import DatabaseGauges
+from service.live.feeds import (
+    ManifestState,
+    manifest_feed,
+    manifest_version,
+    task_feed,
+    task_version,
+)
+from service.live.watcher import StreamLimit, Watcher
+from service.runtime.metrics import WATCH_ROUNDS, DatabaseGauges
 from service.storage.store import Store
 
 from .base import NotFoundHandler
+from .events import EventsHandler
 from .listing import TaskListHandler
 from .manifests import ManifestHandler, ManifestsHandler
 from .ops import HealthHandler, MetricsHandler, OpenAPIHandler
+from .page import STATIC, PageHandler, StaticHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
@@ -29,13 +39,19 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
     admission = Admission(store, config.max_pending_per_client, config.max_queued)
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
     submissions = Submissions(store, admission, policy, config.mail_enabled, wake,
-                              coalesce=config.coalesce)
+                              coalesce=config.coalesce,
+                              webhooks=config.webhook_secret is not None)
     manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
+    streams = dict(limit=StreamLimit(config.max_streams_per_client),
+                   keepalive=config.sse_keepalive, client_ip_header=config.client_ip_header)
     routes: list[Any] = [
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
         (r"/check", CheckHandler, dict(records=store.records)),
         (r"/tasks", TaskListHandler, dict(history=store.history)),
+        (r"/tasks/([^/]+)/events", EventsHandler, dict(feed=_task_feed(store), **streams)),
+        (r"/manifests/([^/]+)/events", EventsHandler,
+         dict(feed=_manifest_feed(store), **streams)),
         (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records,
                                               cancellations=store.cancellations)),
         (r"/manifests", ManifestsHandler, dict(intake=manifests,
@@ -44,10 +60,29 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/health", HealthHandler, dict(store=store)),
         (r"/metrics", MetricsHandler, dict(gauges=gauges)),
         (r"/openapi.yaml", OpenAPIHandler),
+        (r"/", PageHandler, dict(path=str(STATIC))),
+        (r"/static/(.*)", StaticHandler, dict(path=str(STATIC))),
     ]
     return web.Application(
         routes, default_handler_class=NotFoundHandler,
         compress_response=False, xheaders=False, log_function=log_request)
+
+
+def _task_feed(store: Store):
+    """Every task stream of this process, fed by one watcher."""
+    watcher = Watcher(store.live.tasks, task_version, WATCH_ROUNDS.labels("tasks").inc)
+    return task_feed(watcher, store.records.get)
+
+
+def _manifest_feed(store: Store):
+    watcher = Watcher(store.live.manifests, manifest_version,
+                      WATCH_ROUNDS.labels("manifests").inc)
+
+    async def read(manifest_id: str) -> ManifestState | None:
+        manifest = await store.manifests.get(manifest_id)
+        return None if manifest is None else (manifest, await store.manifests.totals(manifest))
+
+    return manifest_feed(watcher, read)
 
 
 _access = logging.getLogger("tornado.access")

@@ -8,6 +8,7 @@ wins over the environment, the environment over the default. ``run.py
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import os
 import re
@@ -159,6 +160,21 @@ class Config:
     resumable_min_size: int = _field("RESUMABLE_MIN_SIZE", 1024**3, parse_size,
                                      "downloads larger than this are checkpointed and "
                                      "resume where they stopped; smaller ones start over")
+    webhook_secret: str | None = _field("WEBHOOK_SECRET", None, str,
+                                        "signs webhooks (Standard Webhooks): whsec_ and the "
+                                        "base64 of 24 to 64 random bytes; unset: callback_url "
+                                        "is refused", secret=True)
+    webhook_max_attempts: int = _field("WEBHOOK_MAX_ATTEMPTS", 6, int,
+                                       "delivery attempts before a webhook fails")
+    webhook_retry_base: float = _field("WEBHOOK_RETRY_BASE", 15.0, parse_seconds,
+                                       "first webhook retry delay; doubles each attempt")
+    webhook_timeout: float = _field("WEBHOOK_TIMEOUT", 10.0, parse_seconds,
+                                    "time a webhook receiver has to answer")
+    max_streams_per_client: int = _field("MAX_STREAMS_PER_CLIENT", 20, int,
+                                         "event streams (/tasks/<id>/events) one client may "
+                                         "hold open per API process; more get 429")
+    sse_keepalive: float = _field("SSE_KEEPALIVE", 15.0, parse_seconds,
+                                  "a comment is sent on an idle event stream this often")
 
     @property
     def embedded(self) -> bool:
@@ -256,11 +272,31 @@ def _check(config: Config) -> None:
     if config.client_ip_header is not None and not re.fullmatch(
             r"[A-Za-z0-9-]{1,64}", config.client_ip_header):
         problems.append("CLIENT_IP_HEADER must be a header name, e.g. X-Forwarded-For")
+    if config.webhook_secret is not None and webhook_key(config.webhook_secret) is None:
+        problems.append("WEBHOOK_SECRET must be whsec_ followed by the base64 of 24 to 64 "
+                        "random bytes, e.g. whsec_$(head -c 32 /dev/urandom | base64)")
+    if config.max_streams_per_client < 1 or config.webhook_max_attempts < 1:
+        problems.append("MAX_STREAMS_PER_CLIENT and WEBHOOK_MAX_ATTEMPTS must be 1 or more")
+    if config.sse_keepalive <= 0:
+        problems.append("SSE_KEEPALIVE must be positive")
     for item in config.resolve:
         if "=" not in item:
             problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")
     if problems:
         raise SystemExit("configuration error: " + "; ".join(problems))
+
+
+def webhook_key(secret: str) -> bytes | None:
+    """The HMAC key of a Standard Webhooks secret (``whsec_<base64>``),
+    or None if it is not one."""
+    prefix, _, encoded = secret.partition("_")
+    if prefix != "whsec" or not encoded:
+        return None
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return None
+    return key if 24 <= len(key) <= 64 else None
 
 
 def to_environ(config: Config) -> dict[str, str]:

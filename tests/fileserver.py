@@ -478,3 +478,35 @@ class RangeHandler(_Base):
 def served(key: str) -> int:
     """Body bytes RangeHandler sent for ``key``, over all requests."""
     return sum(r["sent"] for r in RangeHandler.requests.get(key, []))
+class HookHandler(web.RequestHandler):
+    """/hook/<key>?fail=N&code=C: a webhook receiver that records every
+    post (headers and body) per key and answers C (default 500) to the
+    first N of them, then 204."""
+
+    received: dict[str, list[dict]] = {}
+
+    def post(self, key: str) -> None:
+        posts = self.received.setdefault(key, [])
+        posts.append({"headers": dict(self.request.headers), "body": self.request.body,
+                      "peer": self.request.remote_ip, "at": time.time()})
+        if len(posts) <= int(self.get_argument("fail", "0")):
+            self.set_status(int(self.get_argument("code", "500")))
+            self.finish("not now")
+            return
+        self.set_status(204)
+        self.finish()
+
+
+class HookServer(ThreadedServer):
+    """A webhook receiver (HookHandler) on its own thread."""
+
+    def _run(self) -> None:
+        async def main() -> None:
+            sockets = bind_sockets(0, self.host, family=socket.AF_INET)
+            self.port = sockets[0].getsockname()[1]
+            server = HTTPServer(web.Application([(r"/hook/([\w-]+)", HookHandler)]))
+            server.add_sockets(sockets)
+            self._ready.set()
+            await asyncio.Event().wait()
+
+        asyncio.run(main())

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission, Verdict
 from service.intake.validation import (
+    check_callback_url,
     check_digests,
     check_email,
     check_idempotency_key,
@@ -29,9 +30,12 @@ class Accepted:
 
 class Submissions:
     def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
-                 mail_enabled: bool, wake: Callable[[], None], coalesce: bool = True):
+                 mail_enabled: bool, wake: Callable[[], None], coalesce: bool = True,
+                 webhooks: bool = False):
         self.store = store
         self.coalesce = coalesce
+        # Whether callback_url is taken: only with a secret to sign with.
+        self.webhooks = webhooks
         self.admission = admission
         self.policy = policy
         self.mail_enabled = mail_enabled
@@ -39,12 +43,15 @@ class Submissions:
 
     async def submit(self, url: str | None, email: str | None, idempotency_key: str | None,
                      client: str, algorithms: list[str] | None = None,
-                     expected: str | None = None) -> Accepted:
+                     expected: str | None = None,
+                     callback_url: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
         wanted, checksum = check_digests(algorithms or [], expected)
         task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
-                        client=client, algorithms=wanted, expected=checksum)
+                        client=client, algorithms=wanted, expected=checksum,
+                        callback_url=check_callback_url(callback_url, self.policy,
+                                                        self.webhooks))
         key = check_idempotency_key(idempotency_key)
         verdict: Verdict | None = None
 

@@ -32,35 +32,48 @@ def _no_controls(name: str, value: str) -> None:
                            "such as \\ud800") from None
 
 
-def check_url(url: str | None, policy: AddressPolicy) -> str:
+def check_url(url: str | None, policy: AddressPolicy, name: str = "url") -> str:
     if url is None:
-        raise InvalidInput("url is required")
+        raise InvalidInput(f"{name} is required")
     url = url.strip(" ")
     if not url:
-        raise InvalidInput("url is empty")
+        raise InvalidInput(f"{name} is empty")
     if len(url) > MAX_URL_LENGTH:
-        raise InvalidInput(f"url is longer than {MAX_URL_LENGTH} characters")
-    _no_controls("url", url)
+        raise InvalidInput(f"{name} is longer than {MAX_URL_LENGTH} characters")
+    _no_controls(name, url)
     if " " in url:
-        raise InvalidInput("url must not contain spaces (percent-encode them as %20)")
+        raise InvalidInput(f"{name} must not contain spaces (percent-encode them as %20)")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidInput(f"url is malformed: {exc}") from None
+        raise InvalidInput(f"{name} is malformed: {exc}") from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidInput("url must start with http:// or https://")
+        raise InvalidInput(f"{name} must start with http:// or https://")
     if not parts.hostname:
-        raise InvalidInput("url has no host")
+        raise InvalidInput(f"{name} has no host")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise InvalidInput("url must not contain a user name or password")
+        raise InvalidInput(f"{name} must not contain a user name or password")
     if port == 0:
-        raise InvalidInput("url has an invalid port")
+        raise InvalidInput(f"{name} has an invalid port")
     ip = parse_ip_literal(parts.hostname)
     if ip is not None and not policy.allows(ip):
-        raise InvalidInput(f"url points to {ip}, a private or reserved address "
+        raise InvalidInput(f"{name} points to {ip}, a private or reserved address "
                            "that this service does not fetch from")
     return url
+
+
+def check_callback_url(url: str | None, policy: AddressPolicy,
+                       signing: bool) -> str | None:
+    """A webhook's address, under a download's rules: http(s), no
+    credentials, no blocked IP literal. The address a name resolves to is
+    checked when the webhook is sent, as a download's is when it is fetched."""
+    if url is None or url.strip() == "":
+        return None
+    if not signing:
+        raise InvalidInput("callback_url is not available on this service: it has no "
+                           "WEBHOOK_SECRET to sign webhooks with")
+    return check_url(url, policy, name="callback_url")
 
 
 def check_email(email: str | None) -> str | None:

@@ -76,6 +76,41 @@ class Notification:
                    worker=doc.get("worker"))
 
 
+class CallbackStatus(enum.StrEnum):
+    """Where the task's webhook stands."""
+    PENDING = "pending"      # to be posted (or being posted) once the task ends
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"        # refused for good, or out of attempts
+
+
+@dataclasses.dataclass
+class Callback:
+    """The webhook a submit asked for (``callback_url``), posted when the
+    task ends; the outbox's fields mirror the mail's."""
+    url: str
+    status: CallbackStatus = CallbackStatus.PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: dt.datetime | None = None
+    # When the post is due; a sender's claim moves it forward (its lease).
+    next_at: dt.datetime | None = None
+    worker: str | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"url": self.url, "status": str(self.status), "attempts": self.attempts,
+                "last_error": self.last_error, "delivered_at": self.delivered_at,
+                "next_at": self.next_at, "worker": self.worker}
+
+    @classmethod
+    def from_doc(cls, doc: dict | None) -> Callback | None:
+        if not doc:
+            return None
+        return cls(url=doc["url"], status=CallbackStatus(doc.get("status", "pending")),
+                   attempts=doc.get("attempts", 0), last_error=doc.get("last_error"),
+                   delivered_at=doc.get("delivered_at"), next_at=doc.get("next_at"),
+                   worker=doc.get("worker"))
+
+
 class Notifiable(Protocol):
     """What a mail is about: a task, or a manifest."""
     id: str
@@ -152,15 +187,17 @@ class Task:
     # attempts before it, so that re-fetched bytes show.
     attempt: dict[str, Any] | None = None
     bytes_fetched: int = 0
+    callback: Callback | None = None
 
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
             client: str | None = None, algorithms: list[str] | None = None,
-            expected: Checksum | None = None) -> Task:
+            expected: Checksum | None = None, callback_url: str | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
         task = cls(url=url, email=email, client=client, notification=Notification(note),
-                   algorithms=list(algorithms or [ALWAYS]), expected=expected)
+                   algorithms=list(algorithms or [ALWAYS]), expected=expected,
+                   callback=Callback(callback_url) if callback_url else None)
         task.lease_until = task.created_at
         return task
 
@@ -172,6 +209,10 @@ class Task:
     @property
     def mail_pending(self) -> bool:
         return self.notification.status == NoteStatus.PENDING
+
+    @property
+    def callback_pending(self) -> bool:
+        return self.callback is not None and self.callback.status == CallbackStatus.PENDING
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -190,6 +231,7 @@ class Task:
             "notification": self.notification.to_doc(), "history": self.history,
             "checkpoint": self.checkpoint, "attempt": self.attempt,
             "bytes_fetched": self.bytes_fetched,
+            "callback": self.callback.to_doc() if self.callback else None,
         }
 
     @classmethod
@@ -215,4 +257,5 @@ class Task:
             notification=Notification.from_doc(doc.get("notification")),
             history=list(doc.get("history") or []),
             checkpoint=doc.get("checkpoint"), attempt=doc.get("attempt"),
-            bytes_fetched=doc.get("bytes_fetched", 0))
+            bytes_fetched=doc.get("bytes_fetched", 0),
+            callback=Callback.from_doc(doc.get("callback")))

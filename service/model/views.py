@@ -56,7 +56,18 @@ def task_view(task: Task) -> dict[str, Any]:
         "history": [_attempt(entry) for entry in task.history],
         "finished_by": _finished_by(task),
         **_resume_view(task),
+        "callback": _callback(task),
     }
+
+
+def _callback(task: Task) -> dict[str, Any] | None:
+    # Not the URL: it may carry the receiver's own token, and the task's
+    # view is for anyone who knows its id.
+    hook = task.callback
+    if hook is None:
+        return None
+    return {"status": str(hook.status), "attempts": hook.attempts,
+            "last_error": hook.last_error, "delivered_at": iso(hook.delivered_at)}
 
 
 def _attempt(entry: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,9 @@ QUEUE_WAIT_SECONDS = Histogram("md5light_queue_wait_seconds",
                                buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 300))
 MAILS = Counter("md5light_mails_total", "Notification attempts, by outcome", ["outcome"])
 SUBMISSIONS = Counter("md5light_submissions_total", "Tasks accepted by the API")
+WATCH_ROUNDS = Counter("md5light_event_watch_rounds_total",
+                       "Rounds of the event streams' database watcher, by kind", ["kind"])
+WEBHOOKS = Counter("md5light_webhooks_total", "Webhook attempts, by outcome", ["outcome"])
 DATABASE_RESTARTS = Counter("md5light_database_restarts_total",
                             "Times the embedded database died and was started again")
 

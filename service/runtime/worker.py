@@ -32,6 +32,7 @@ from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
+from service.runtime.webhook_sender import WebhookSender
 from service.storage.queue import Lease
 from service.storage.store import Store
 
@@ -75,6 +76,8 @@ class Worker:
         mailer = Mailer(config, ThreadPoolExecutor(max_workers=4, thread_name_prefix="smtp"))
         self.mail = MailSender(config, [store.outbox, store.manifest_outbox], mailer,
                                self.name) if mailer.enabled else None
+        self.hooks = (WebhookSender(config, store.callbacks, self.name)
+                      if config.webhook_secret else None)
         self.download_retry = Backoff(first=config.retry_base, cap=DOWNLOAD_RETRY_CAP)
         self.active: dict[str, tuple[Task, Download]] = {}
         self.wake = asyncio.Event()
@@ -104,6 +107,8 @@ class Worker:
                  asyncio.create_task(self._lease_loop())]
         if self.mail:
             loops.append(asyncio.create_task(self.mail.run(self.stopping)))
+        if self.hooks:
+            loops.append(asyncio.create_task(self.hooks.run(self.stopping)))
         await self.stopping.wait()
         await self._drain()
         for task in loops:
@@ -255,6 +260,8 @@ class Worker:
                 pass  # the periodic sweep will finish it
         if self.mail and (task.mail_pending or followers or (manifest and manifest.mail_pending)):
             self.mail.wake.set()
+        if self.hooks and (task.callback_pending or followers):
+            self.hooks.wake.set()
 
     async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
         """Write an outcome, waiting out a database outage: the work is done

@@ -62,6 +62,9 @@ class Cancellations:
                     changes["notification.next_at"] = now  # the mail is due now
                 else:
                     changes["notification.status"] = str(NoteStatus.CANCELLED)
+            if task.callback_pending:
+                # A program waiting on the webhook learns of the cancel too.
+                changes["callback.next_at"] = now
             result = await self.tasks.update_one({"_id": task_id, "status": str(task.status)},
                                                  {"$set": changes})
             if result.modified_count:

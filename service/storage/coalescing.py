@@ -208,4 +208,6 @@ def _result_of(follower: Task, leader: Task, now: dt.datetime) -> dict[str, Any]
         fields.update(status=str(Status.FAILED), error=error)
     if follower.mail_pending:
         fields["notification.next_at"] = now  # the mail is due now
+    if follower.callback_pending:
+        fields["callback.next_at"] = now  # and so is the webhook
     return fields

@@ -62,6 +62,10 @@ class Collections:
         await self.tasks.create_index([("notification.status", ASCENDING),
                                        ("notification.next_at", ASCENDING)],
                                       name="notification_claim")
+        # Sparse: only tasks submitted with a callback_url have one.
+        await self.tasks.create_index([("callback.status", ASCENDING),
+                                       ("callback.next_at", ASCENDING)],
+                                      name="callback_claim", sparse=True)
         await self.tasks.create_index([("created_at", DESCENDING)], name="history")
         # Sparse: single submits (most tasks) carry no manifest to index.
         await self.tasks.create_index([("manifest", ASCENDING), ("line", ASCENDING)],

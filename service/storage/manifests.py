@@ -61,19 +61,10 @@ class ManifestRecords:
         over the lines (the total of those whose size is known)."""
         if manifest.totals is not None:
             return manifest.totals
-        counts = manifest.counts
         running = await self.tasks.find(
             {"manifest": manifest.id, "status": str(Status.RUNNING)},
             {"bytes_done": 1, "bytes_total": 1}).to_list(None)
-        totals = {name: counts.get(name, 0) for name in ENDED}
-        ended = sum(totals.values())
-        totals.update(
-            running=len(running), queued=max(0, manifest.lines - ended - len(running)),
-            bytes_done=counts.get("bytes_done", 0) + sum(t.get("bytes_done") or 0
-                                                         for t in running),
-            bytes_total=counts.get("bytes_total", 0) + sum(t.get("bytes_total") or 0
-                                                           for t in running))
-        return {name: totals[name] for name in (*OUTCOMES, "bytes_done", "bytes_total")}
+        return running_totals(manifest, running)
 
     async def line_ended(self, manifest_id: str, ended_as: str, bytes_done: int,
                          bytes_total: int | None) -> Manifest | None:
@@ -146,3 +137,18 @@ class ManifestRecords:
             if await self.try_finish(doc["_id"]) is not None:
                 finished += 1
         return finished
+
+
+def running_totals(manifest: Manifest, running: list[dict[str, Any]]) -> dict[str, int]:
+    """The totals of an unfinished manifest: its ended lines' counts, plus
+    its ``running`` lines (their ``bytes_done`` and ``bytes_total``)."""
+    counts = manifest.counts
+    totals = {name: counts.get(name, 0) for name in ENDED}
+    ended = sum(totals.values())
+    totals.update(
+        running=len(running), queued=max(0, manifest.lines - ended - len(running)),
+        bytes_done=counts.get("bytes_done", 0) + sum(t.get("bytes_done") or 0
+                                                     for t in running),
+        bytes_total=counts.get("bytes_total", 0) + sum(t.get("bytes_total") or 0
+                                                       for t in running))
+    return {name: totals[name] for name in (*OUTCOMES, "bytes_done", "bytes_total")}

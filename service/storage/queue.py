@@ -318,4 +318,6 @@ def _finish_fields(task: Task, now: dt.datetime, status: Status,
                               "finished_at": now, "lease_until": None, "checkpoint": None}
     if task.notification.status == NoteStatus.PENDING:
         fields["notification.next_at"] = now  # the mail is due now
+    if task.callback_pending:
+        fields["callback.next_at"] = now  # and so is the webhook
     return fields

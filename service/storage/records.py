@@ -68,4 +68,6 @@ def _options(task: Task) -> dict:
         options["algorithms"] = task.algorithms
     if task.expected is not None:
         options["expected"] = str(task.expected)
+    if task.callback is not None:
+        options["callback_url"] = task.callback.url
     return options

@@ -12,12 +12,14 @@ from pymongo import AsyncMongoClient
 from service.config import Config
 from service.model.manifest import Manifest
 from service.model.task import Task
+from service.storage.callbacks import CallbackOutbox
 from service.storage.cancellation import Cancellations
 from service.storage.coalescing import Coalescer
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
 from service.storage.dbclock import DatabaseClock
 from service.storage.history import TaskHistory
+from service.storage.live_reads import LiveReads
 from service.storage.liveness import WorkerLiveness
 from service.storage.manifests import ManifestRecords
 from service.storage.outbox import MailOutbox
@@ -38,6 +40,8 @@ class Store:
         self.manifests = ManifestRecords(self.cols, self.counters)
         self.outbox = MailOutbox(self.cols.tasks, Task.from_doc)
         self.manifest_outbox = MailOutbox(self.cols.manifests, Manifest.from_doc)
+        self.callbacks = CallbackOutbox(self.cols.tasks)
+        self.live = LiveReads(self.cols)
         self.history = TaskHistory(self.cols.tasks)
         self.coalescer = Coalescer(self.cols, self.counters)
         self.cancellations = Cancellations(self.cols, self.counters, self.coalescer)
