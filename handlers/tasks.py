@@ -44,14 +44,15 @@ class SubmitHandler(JsonHandler):
                 self.one(args, "url"), self.one(args, "email"),
                 self.request.headers.get("Idempotency-Key"), client,
                 algorithms=args.get("algorithms", []), expected=self.one(args, "expected"),
-                callback_url=self.one(args, "callback_url")),
+                callback_url=self.one(args, "callback_url"),
+                max_age=self.one(args, "max_age")),
                 patience=SUBMIT_PATIENCE)
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
         except IdempotencyConflict:
             return self.send(422, {"error": "Idempotency-Key was already used for a "
-                                            "different url, email, algorithms, expected or "
-                                            "callback_url"})
+                                            "different url, email, algorithms, expected, "
+                                            "callback_url or max_age"})
         except QuotaExceeded as exc:
             self.rate_limit_headers(exc.verdict, reset=RETRY_AFTER_CLIENT)
             self.set_header("Retry-After", str(RETRY_AFTER_CLIENT))

@@ -248,6 +248,7 @@ def make_app() -> web.Application:
         (r"/gzip/(\d+)", GzipHandler),
         (r"/claims/(\d+)", ClaimsHandler),
         (r"/range/([\w-]+)/(\d+)", RangeHandler),
+        (r"/versioned/([\w-]+)/(\d+)", VersionedHandler),
     ])
 
 
@@ -473,6 +474,45 @@ class RangeHandler(_Base):
                     await asyncio.sleep(delay)
         except StreamClosedError:
             pass
+
+
+class VersionedHandler(_Base):
+    """/versioned/<key>/<size>: a file whose version a test sets
+    (``VersionedHandler.versions[key]``), with validators per version, and
+    conditional requests answered as a server does (304 Not Modified).
+    Records each request: ``VersionedHandler.seen[key]`` holds (status,
+    If-None-Match, If-Modified-Since, body bytes sent). ?validator=etag
+    (the default) | weak | lastmod."""
+
+    versions: dict[str, int] = {}
+    seen: dict[str, list[tuple[int, str | None, str | None, int]]] = {}
+
+    def compute_etag(self) -> None:
+        return None  # this handler answers conditionals itself
+
+    def get(self, key: str, size: str) -> None:
+        version = self.versions.get(key, 0)
+        kind = self.get_argument("validator", "etag")
+        inm = self.request.headers.get("If-None-Match")
+        ims = self.request.headers.get("If-Modified-Since")
+        etag = {"etag": f'"{key}-v{version}"', "weak": f'W/"{key}-v{version}"'}.get(kind)
+        modified = f"Mon, 0{version + 1} Jan 2024 00:00:00 GMT" if kind == "lastmod" else None
+        if etag:
+            self.set_header("ETag", etag)
+        if modified:
+            self.set_header("Last-Modified", modified)
+        unchanged = ((etag is not None and inm is not None
+                      and inm.removeprefix("W/") == etag.removeprefix("W/"))
+                     or (modified is not None and ims == modified))
+        if unchanged:
+            self.seen.setdefault(key, []).append((304, inm, ims, 0))
+            self.set_status(304)
+            self.finish()
+            return
+        data = body(int(size), self.seed() + version)
+        self.seen.setdefault(key, []).append((200, inm, ims, len(data)))
+        self.set_header("Content-Length", str(len(data)))
+        self.finish(data)
 
 
 def served(key: str) -> int:

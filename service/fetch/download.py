@@ -43,6 +43,7 @@ from service.fetch.hashing import DigestSink
 from service.fetch.resume import Answer, Resumer
 from service.fetch.server_claims import Claim
 from service.model.digests import ALWAYS, ServerDigest
+from service.model.same_file import KnownFile
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -58,6 +59,12 @@ class Fetched:
     the server's own claim checked against them."""
     digests: dict[str, str]
     server: ServerDigest | None = None
+    # The response's validators, for a later revalidation (model.same_file).
+    etag: str | None = None
+    last_modified: str | None = None
+    # The server answered 304 to the task's validators: ``digests`` are
+    # the earlier download's, and no body was received.
+    not_modified: bool = False
 
 
 class _StartOver(Interrupted):
@@ -69,8 +76,11 @@ class Download:
 
     def __init__(self, url: str, config: Config, client: AsyncHTTPClient,
                  executor: Executor | None, algorithms: list[str] | None = None,
-                 checkpoint: Checkpoint | None = None):
+                 checkpoint: Checkpoint | None = None, revalidate: KnownFile | None = None):
         self.url = url
+        # Asked with If-None-Match / If-Modified-Since (never together with
+        # a resumed range: a checkpoint is newer knowledge than the cache).
+        self.revalidate = revalidate if checkpoint is None else None
         self.config = config
         self.client = client
         self.algorithms = list(algorithms or [ALWAYS])
@@ -95,6 +105,7 @@ class Download:
         self._reason = ""
         self._headers = httputil.HTTPHeaders()
         self._hashing = False
+        self._not_modified = False
         self._mark = (time.monotonic(), 0)
         self._gave_up: asyncio.Future | None = None
 
@@ -170,6 +181,9 @@ class Download:
         if answer is Answer.START_OVER:
             self.abort(_StartOver("the server's answer to a range request is not usable"))
             return
+        if status == 304 and self.revalidate is not None:
+            self._not_modified = True
+            return
         if answer is Answer.CONTINUE:
             self.claim, total = self.resume.continue_into(self.sink, self._headers)
             if total > self.config.max_file_size:
@@ -235,7 +249,8 @@ class Download:
             self.url, method="GET",
             headers={"Accept-Encoding": "identity", "Accept": "*/*",
                      "Want-Repr-Digest": server_claims.WANT_REPR_DIGEST,
-                     **self.resume.request_headers()},
+                     **self.resume.request_headers(),
+                     **(self.revalidate.conditional_headers() if self.revalidate else {})},
             user_agent=USER_AGENT, follow_redirects=True,
             max_redirects=self.config.max_redirects,
             decompress_response=False,
@@ -266,6 +281,12 @@ class Download:
         if self.error is not None:
             await self.sink.discard()
             raise self.error
+        if self._not_modified and response is not None and response.code == 304:
+            await self.sink.discard()
+            assert self.revalidate is not None
+            etag, modified = self._validators()
+            return Fetched({a: self.revalidate.digests[a] for a in self.algorithms},
+                           etag=etag, last_modified=modified, not_modified=True)
         if response is None or response.code == 599 or not self._hashing:
             await self.sink.discard()
             host = host_of(response.effective_url if response and response.effective_url
@@ -278,8 +299,13 @@ class Download:
                 f"{self.bytes_total}"), True)
         return self._checked(await self.sink.hexdigests())
 
+    def _validators(self) -> tuple[str | None, str | None]:
+        return self._headers.get("ETag"), self._headers.get("Last-Modified")
+
     def _checked(self, digests: dict[str, str]) -> Fetched:
-        fetched = Fetched({a: digests[a] for a in self.algorithms})
+        etag, modified = self._validators()
+        fetched = Fetched({a: digests[a] for a in self.algorithms}, etag=etag,
+                          last_modified=modified)
         if self.claim is None:
             return fetched
         fetched.server = server = server_claims.compare(self.claim, digests)

@@ -15,9 +15,11 @@ from service.intake.validation import (
     check_digests,
     check_email,
     check_idempotency_key,
+    check_max_age,
     check_url,
 )
-from service.model.task import Task
+from service.model.cached import answer_from
+from service.model.task import Task, utcnow
 from service.storage.store import Store
 
 
@@ -44,7 +46,8 @@ class Submissions:
     async def submit(self, url: str | None, email: str | None, idempotency_key: str | None,
                      client: str, algorithms: list[str] | None = None,
                      expected: str | None = None,
-                     callback_url: str | None = None) -> Accepted:
+                     callback_url: str | None = None,
+                     max_age: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
         wanted, checksum = check_digests(algorithms or [], expected)
@@ -53,6 +56,14 @@ class Submissions:
                         callback_url=check_callback_url(callback_url, self.policy,
                                                         self.webhooks))
         key = check_idempotency_key(idempotency_key)
+        task.max_age = check_max_age(max_age)
+        known = (await self.store.known_files.get(task.url, task.algorithms)
+                 if task.max_age else None)
+        if known is not None and known.age(utcnow()) <= task.max_age:
+            # Young enough: answered now, with nothing to run (no quota).
+            answer_from(task, known)
+            task_id = await self.store.records.create(task, key)
+            return Accepted(task_id, self.admission.peek(client))
         verdict: Verdict | None = None
 
         async def admit() -> int:
@@ -64,6 +75,8 @@ class Submissions:
         leader = await coalescer.elect(task) if self.coalesce else None
         if leader is not None:
             task.follow(leader)
+        elif known is not None and known.conditional_headers():
+            task.revalidate = known  # a 304 then answers from it
         try:
             task_id = await self.store.records.create(task, key, admit)
         except BaseException:

@@ -89,6 +89,25 @@ def check_email(email: str | None) -> str | None:
         raise InvalidInput(f"email is not valid: {exc}") from None
 
 
+# A result older than a year is not a cache hit anyone should rely on.
+MAX_AGE_LIMIT = 365 * 86400
+
+
+def check_max_age(value: str | None) -> int:
+    """``max_age``: how old (in whole seconds) a result of an earlier
+    download of the same file may be to answer this submit; 0, the
+    default, downloads again."""
+    if value is None or value == "":
+        return 0
+    if not value.isascii() or not value.isdigit():
+        raise InvalidInput(f"max_age must be a whole number of seconds, like 3600 "
+                           f"(got {value[:40]!r})")
+    seconds = int(value)
+    if seconds > MAX_AGE_LIMIT:
+        raise InvalidInput(f"max_age may be at most {MAX_AGE_LIMIT} seconds (a year)")
+    return seconds
+
+
 def check_idempotency_key(key: str | None) -> str | None:
     if key is None or key == "":
         return None

@@ -1,4 +1,5 @@
-"""When two submits ask for the same work: the same file, the same digests.
+"""When two submits ask for the same work: the same file, the same digests;
+and what is known of a file from its last download.
 
 Coalescing (storage.coalescing) runs one download for all of them, so the
 key must not tell apart URLs that every server treats alike (scheme and
@@ -9,8 +10,11 @@ since servers may treat their case and order as meaningful.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import urllib.parse
+from typing import Any
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -39,3 +43,40 @@ def file_key(url: str, algorithms: list[str]) -> str:
     an ``_id``."""
     text = normalized_url(url) + "\n" + ",".join(sorted(set(algorithms)))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclasses.dataclass
+class KnownFile:
+    """The last complete download of a file (storage.known_files): enough
+    to answer a submit that accepts a result ``max_age`` seconds old, or to
+    ask the server whether the file changed since (ETag, Last-Modified)."""
+    task: str
+    at: dt.datetime
+    digests: dict[str, str]
+    etag: str | None = None
+    last_modified: str | None = None
+    bytes: int | None = None
+
+    def age(self, now: dt.datetime) -> float:
+        return (now - self.at).total_seconds()
+
+    def conditional_headers(self) -> dict[str, str]:
+        """The request headers that let the server answer 304 Not Modified
+        (a weak ETag is fine here: RFC 9110 compares weakly for GET)."""
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+    def to_doc(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any] | None) -> KnownFile | None:
+        if not doc:
+            return None
+        return cls(task=doc["task"], at=doc["at"], digests=dict(doc["digests"]),
+                   etag=doc.get("etag"), last_modified=doc.get("last_modified"),
+                   bytes=doc.get("bytes"))

@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Protocol
 
 from service.model.digests import ALWAYS, Checksum, ServerDigest
+from service.model.same_file import KnownFile
 
 
 class Status(enum.StrEnum):
@@ -154,6 +155,13 @@ class Task:
     # A coalesced submit: the task whose download this one shares
     # (storage.coalescing); kept once ended, to say where the result came from.
     follows: str | None = None
+    # How old an earlier download's result may be to answer this task
+    # (storage.known_files); the task it was answered from, at once or
+    # after the server said 304 Not Modified to ``revalidate``'s validators.
+    max_age: int = 0
+    cached_from: str | None = None
+    revalidated: bool | None = None
+    revalidate: KnownFile | None = None
     error: TaskError | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -222,6 +230,9 @@ class Task:
             "verified": self.verified,
             "server_digest": self.server_digest.to_doc() if self.server_digest else None,
             "manifest": self.manifest, "line": self.line, "follows": self.follows,
+            "max_age": self.max_age, "cached_from": self.cached_from,
+            "revalidated": self.revalidated,
+            "revalidate": self.revalidate.to_doc() if self.revalidate else None,
             "error": self.error.to_doc() if self.error else None,
             "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "attempts": self.attempts, "lease_until": self.lease_until, "worker": self.worker,
@@ -246,6 +257,9 @@ class Task:
             expected=Checksum.from_doc(doc.get("expected")), verified=doc.get("verified"),
             server_digest=ServerDigest.from_doc(doc.get("server_digest")),
             manifest=doc.get("manifest"), line=doc.get("line"), follows=doc.get("follows"),
+            max_age=doc.get("max_age", 0), cached_from=doc.get("cached_from"),
+            revalidated=doc.get("revalidated"),
+            revalidate=KnownFile.from_doc(doc.get("revalidate")),
             error=TaskError.from_doc(doc.get("error")),
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),

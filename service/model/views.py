@@ -45,6 +45,8 @@ def task_view(task: Task) -> dict[str, Any]:
         "expected": str(task.expected) if task.expected else None, "verified": task.verified,
         "server_digest": task.server_digest.to_doc() if task.server_digest else None,
         "manifest": task.manifest, "line": task.line, "follows": task.follows,
+        "max_age": task.max_age, "cached_from": task.cached_from,
+        "revalidated": task.revalidated,
         "error": task.error.message if failed and task.error else None,
         "error_code": task.error.code if failed and task.error else None,
         "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,

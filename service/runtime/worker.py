@@ -1,5 +1,6 @@
-"""A worker process: claims tasks, downloads and hashes them, records the
-outcome and sends the mails that are due.
+"""A worker process: claims tasks, downloads and hashes them, has the
+outcome recorded (``outcomes``) and sends the mails and webhooks that are
+due.
 
 Each worker runs its own IOLoop with up to WORKER_CONCURRENCY downloads at
 once. It renews the leases of its running tasks (and records their
@@ -14,9 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import pymongo
 from pymongo.errors import PyMongoError
@@ -25,13 +24,13 @@ from service.backoff import Backoff
 from service.config import Config
 from service.fetch.checkpoint import Checkpoint
 from service.fetch.client import make_client
-from service.fetch.download import Download, Fetched, FetchError, Interrupted
-from service.model.digests import mismatch
-from service.model.task import Task, TaskError
+from service.fetch.download import Download, FetchError, Interrupted
+from service.model.task import Task
 from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
+from service.runtime.outcomes import Outcomes
 from service.runtime.webhook_sender import WebhookSender
 from service.storage.queue import Lease
 from service.storage.store import Store
@@ -45,12 +44,8 @@ CLAIM_BATCH = 4
 SWEEP_ROUNDS = 30
 loop_time = time.monotonic  # the clock Download.last_progress is read on
 
-# Waits after failures in a row: of a download (unless the server said how
-# long, with Retry-After), of the database while claiming, and of a result
-# write during an outage.
-DOWNLOAD_RETRY_CAP = 300.0
+# Waits after failures in a row of the database while claiming.
 CLAIM_BACKOFF = Backoff(first=0.4, cap=5.0)
-WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 
 class LeaseLost(Interrupted):
@@ -78,7 +73,7 @@ class Worker:
                                self.name) if mailer.enabled else None
         self.hooks = (WebhookSender(config, store.callbacks, self.name)
                       if config.webhook_secret else None)
-        self.download_retry = Backoff(first=config.retry_base, cap=DOWNLOAD_RETRY_CAP)
+        self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks)
         self.active: dict[str, tuple[Task, Download]] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -166,7 +161,8 @@ class Worker:
 
     def _start(self, task: Task) -> None:
         download = Download(task.url, self.config, self.client, self.hash_executor,
-                            task.algorithms, Checkpoint.from_doc(task.checkpoint))
+                            task.algorithms, Checkpoint.from_doc(task.checkpoint),
+                            revalidate=task.revalidate)
         self.active[task.id] = (task, download)
         job = asyncio.create_task(self._process(task, download))
         self._jobs.add(job)
@@ -186,7 +182,7 @@ class Worker:
             finally:
                 metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
                 metrics.BYTES_HASHED.inc(download.fetched)
-            await self._done(task, download, fetched)
+            await self.outcomes.done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
         except TaskCancelled:
@@ -194,90 +190,15 @@ class Worker:
             # running, so no write of ours could land anyway.
             log.info("task %s cancelled while running; download stopped", task.id)
         except ShuttingDown:
-            # Checkpointed as it stops, so that a deploy costs no bytes.
-            await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
-                                        TaskError("shutdown", "worker shutting down"),
-                                        count_attempt=False, **_resume_fields(download)))
-            log.info("task %s returned to the queue (worker shutting down)", task.id)
+            await self.outcomes.shutting_down(task, download)
         except FetchError as exc:
-            await self._failed_try(task, download, exc)
+            await self.outcomes.failed_try(task, download, exc)
         except Exception:  # noqa: BLE001 - one task must never take the worker down
             log.exception("task %s: unexpected error", task.id)
-            await self._persist(partial(self.store.queue.finish, task, self.name, error=TaskError(
-                "internal", "internal error while processing the task")))
+            await self.outcomes.internal_error(task)
         finally:
             self.active.pop(task.id, None)
             self.wake.set()
-
-    async def _done(self, task: Task, download: Download, fetched: Fetched) -> None:
-        # A file that is not the expected one will not change on a retry.
-        wrong = mismatch(task.expected, fetched.digests) if task.expected else None
-        error = TaskError("mismatch", wrong) if wrong else None
-        if await self._persist(partial(
-                self.store.queue.finish, task, self.name, digests=fetched.digests,
-                error=error, verified=None if task.expected is None else not wrong,
-                server_digest=fetched.server, bytes_done=download.bytes_done,
-                bytes_total=download.bytes_total, attempt=download.progress())):
-            # Counted once recorded: a task cancelled meanwhile is not done.
-            metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
-            log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
-                     fetched.digests["md5"], download.bytes_done)
-            await self._after_finish(task, "mismatch" if wrong else "ok", download)
-
-    async def _failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
-        if exc.transient and task.attempts < self.config.max_attempts:
-            delay = exc.retry_after if exc.retry_after is not None else \
-                self.download_retry.delay(task.attempts)
-            delay = min(delay, DOWNLOAD_RETRY_CAP)
-            if await self._persist(partial(self.store.queue.retry_later, task, self.name,
-                                           delay, exc.as_task_error(),
-                                           **_resume_fields(download))):
-                metrics.TASK_RETRIES.labels(exc.code).inc()
-                log.info("task %s attempt %d failed (%s); retrying in %.1f s", task.id,
-                         task.attempts, exc.message, delay)
-            return
-        if await self._persist(partial(self.store.queue.finish, task, self.name,
-                                       error=exc.as_task_error(), server_digest=exc.server,
-                                       bytes_done=download.bytes_done,
-                                       bytes_total=download.bytes_total,
-                                       attempt=download.progress())):
-            metrics.TASKS_FINISHED.labels("failed").inc()
-            log.info("task %s failed: %s", task.id, exc.message)
-            await self._after_finish(task, "failed", download)
-
-    async def _after_finish(self, task: Task, ended_as: str, download: Download) -> None:
-        manifest, followers = None, 0
-        if task.manifest is None:
-            try:
-                followers = await self.store.coalescer.settle(task)
-            except PyMongoError:
-                pass  # the periodic sweep will end them
-        if task.manifest:
-            try:
-                manifest = await self.store.manifests.line_ended(
-                    task.manifest, ended_as, download.bytes_done, download.bytes_total)
-            except PyMongoError:
-                pass  # the periodic sweep will finish it
-        if self.mail and (task.mail_pending or followers or (manifest and manifest.mail_pending)):
-            self.mail.wake.set()
-        if self.hooks and (task.callback_pending or followers):
-            self.hooks.wake.set()
-
-    async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
-        """Write an outcome, waiting out a database outage: the work is done
-        and must not be lost to a blip. Gives up when the lease would have
-        expired anyway (another worker will redo the task)."""
-        deadline = loop_time() + max(self.config.lease_seconds, 5)
-        failures = 0
-        while True:
-            try:
-                return await operation()
-            except PyMongoError as exc:
-                if loop_time() > deadline:
-                    log.error("giving up a database write: %s", exc)
-                    return False
-                failures += 1
-                await asyncio.sleep(WRITE_BACKOFF.delay(failures))
 
     # -- leases and progress ------------------------------------------------
 
@@ -330,10 +251,3 @@ class Worker:
         fault in this worker, which /health then reports."""
         limit = loop_time() - 2 * self.config.idle_timeout
         return sum(1 for _, download in self.active.values() if download.last_progress < limit)
-
-
-def _resume_fields(download: Download) -> dict:
-    """Where the retry of a download resumes, and how this attempt went."""
-    latest = download.checkpoint()
-    return {"checkpoint": latest.to_doc() if latest else None,
-            "attempt": download.progress()}

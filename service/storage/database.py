@@ -3,7 +3,8 @@
 Collections: ``tasks`` (the record and the queue), ``idempotency``
 (Idempotency-Key -> task id, TTL-indexed), ``workers`` (heartbeats for
 /health), ``stats`` (queue counters for /metrics), ``manifests`` and
-``inflight`` (the files being fetched, for coalescing; only ``_id``). ``ensure_indexes``
+``inflight`` (the files being fetched, for coalescing) and ``files`` (each
+file's last download, for max_age), both with ``_id`` alone. ``ensure_indexes``
 creates every index; each is named after the query it serves.
 """
 
@@ -45,12 +46,13 @@ class Collections:
     stats: AsyncCollection
     manifests: AsyncCollection
     inflight: AsyncCollection
+    files: AsyncCollection
 
     @classmethod
     def of(cls, client: AsyncMongoClient) -> Collections:
         db = client.get_default_database("md5light")
         return cls(client, db, db["tasks"], db["idempotency"], db["workers"], db["stats"],
-                   db["manifests"], db["inflight"])
+                   db["manifests"], db["inflight"], db["files"])
 
     async def ping(self) -> None:
         await self.db.command("ping")

@@ -31,10 +31,17 @@ from typing import Any
 from pymongo import ASCENDING
 
 from service.model.digests import ServerDigest
-from service.model.task import HISTORY_LIMIT, NoteStatus, Status, Task, TaskError
+from service.model.task import Status, Task, TaskError
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
+from service.storage.queue_docs import (
+    ended,
+    finish_fields,
+    held,
+    history_entry,
+    literal,
+)
 from service.storage.queue_scan import WindowedQueueScan
 
 # Claim rounds per call, and expired leases looked at per round: bounds on
@@ -130,7 +137,7 @@ class TaskQueue:
         result = await self.tasks.update_many(
             {"_id": {"$in": ids}, "status": Status.QUEUED, "attempts": 0,
              "lease_until": {"$lte": now}},
-            [{"$set": {**_literal(changes), **self._leased()}}],
+            [{"$set": {**literal(changes), **self._leased()}}],
             # By _id: left to itself the planner may walk the claim index,
             # that is, the whole queue.
             hint=[("_id", ASCENDING)])
@@ -158,10 +165,10 @@ class TaskQueue:
                                    "claim": uuid.uuid4().hex}
         if cand.get("started_at") is None:
             changes["started_at"] = now
-        update = {**_literal(changes), **self._leased(),
+        update = {**literal(changes), **self._leased(),
                   "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}
         if cand["status"] == Status.RUNNING:
-            update.update(_ended("lease_lost"))
+            update.update(ended("lease_lost"))
         result = await self.tasks.update_one(
             {"_id": cand["_id"], "status": cand["status"], "lease_until": cand["lease_until"],
              "claim": cand.get("claim")},
@@ -181,8 +188,8 @@ class TaskQueue:
         await self.tasks.update_one(
             {"_id": task.id, "status": Status.RUNNING, "lease_until": task.lease_until,
              "claim": task.claim},
-            {"$set": _finish_fields(task, now, Status.FAILED, error=error),
-             "$push": _history_entry(task, now, "lease_lost")})
+            {"$set": finish_fields(task, now, Status.FAILED, error=error),
+             "$push": history_entry(task, now, "lease_lost")})
 
     # -- while it runs ----------------------------------------------------
 
@@ -201,8 +208,8 @@ class TaskQueue:
         if attempt is not None:
             progress["attempt"] = attempt
         result = await self.tasks.update_one(
-            _held(task, worker),
-            [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]}, **_literal(progress)}}])
+            held(task, worker),
+            [{"$set": {"lease_until": {"$add": ["$$NOW", lease_ms]}, **literal(progress)}}])
         if result.matched_count:
             return Lease.HELD
         doc = await self.tasks.find_one({"_id": task.id}, {"status": 1})
@@ -215,13 +222,15 @@ class TaskQueue:
                      error: TaskError | None = None, bytes_done: int | None = None,
                      bytes_total: int | None = None, verified: bool | None = None,
                      server_digest: ServerDigest | None = None,
-                     attempt: dict[str, Any] | None = None) -> bool:
+                     attempt: dict[str, Any] | None = None,
+                     revalidated_from: str | None = None) -> bool:
         """Done with ``digests``, or failed with ``error`` (a file that is not
         the expected one has both); False when the task is no longer this
-        worker's. ``attempt``: this attempt's final progress."""
+        worker's. ``attempt``: this attempt's final progress;
+        ``revalidated_from``: the task whose digests a 304 confirmed."""
         status = Status.FAILED if error is not None or not digests else Status.DONE
         now = self.clock.now()
-        fields = _finish_fields(task, now, status, error=error)
+        fields = finish_fields(task, now, status, error=error)
         if digests:
             fields["digests"] = digests
             fields["md5"] = digests.get("md5") if status == Status.DONE else None
@@ -234,10 +243,12 @@ class TaskQueue:
             fields["bytes_total"] = bytes_total
         if attempt is not None:
             fields["attempt"] = attempt
+        if revalidated_from is not None:
+            fields.update(revalidated=True, cached_from=revalidated_from)
         result = await self.tasks.update_one(
-            _held(task, worker),
+            held(task, worker),
             {"$set": fields,
-             "$push": _history_entry(task, now, str(status), worker, attempt)})
+             "$push": history_entry(task, now, str(status), worker, attempt)})
         return bool(result.modified_count)
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
@@ -247,58 +258,20 @@ class TaskQueue:
         (on the database's clock), to resume from ``checkpoint`` (None:
         from byte 0). ``attempt``: this attempt's final progress."""
         update: dict[str, Any] = {
-            **_ended("retry" if count_attempt else "shutdown"),
-            **_literal({"status": str(Status.QUEUED), "worker": None,
+            **ended("retry" if count_attempt else "shutdown"),
+            **literal({"status": str(Status.QUEUED), "worker": None,
                         "error": error.to_doc(), "checkpoint": checkpoint,
                         "bytes_done": checkpoint["offset"] if checkpoint else 0}),
             "lease_until": {"$add": ["$$NOW", round(delay * 1000)]}}
         if not count_attempt:
             update["attempts"] = {"$add": ["$attempts", -1]}
         # The attempt's last progress first: the history entry reads it.
-        stages = ([{"$set": _literal({"attempt": attempt})}] if attempt is not None else []) \
+        stages = ([{"$set": literal({"attempt": attempt})}] if attempt is not None else []) \
             + [{"$set": update}]
-        result = await self.tasks.update_one(_held(task, worker), stages)
+        result = await self.tasks.update_one(held(task, worker), stages)
         if result.modified_count:
             self.counters.count(queued=1)
         return bool(result.modified_count)
-
-
-def _held(task: Task, worker: str) -> dict[str, Any]:
-    """The filter of every write of a running task: it must still hold the
-    claim it took, not merely carry the same worker name."""
-    return {"_id": task.id, "status": Status.RUNNING, "worker": worker, "claim": task.claim}
-
-
-def _literal(fields: dict[str, Any]) -> dict[str, Any]:
-    # In an update pipeline a string starting with "$" is a field path and
-    # a dict an expression: values from outside are wrapped.
-    return {key: {"$literal": value} for key, value in fields.items()}
-
-
-def _ended(outcome: str) -> dict[str, Any]:
-    """Pipeline: append the attempt the document holds (its worker, claim
-    and claimed_at, before this update) to the bounded history."""
-    entry = {"worker": "$worker", "claim": "$claim", "started_at": "$claimed_at",
-             "ended_at": "$$NOW", "outcome": {"$literal": outcome},
-             "resumed_from": {"$ifNull": ["$attempt.resumed_from", None]},
-             "bytes_fetched": {"$ifNull": ["$attempt.fetched", 0]}}
-    # The attempt's bytes join the task's total, and the next attempt
-    # starts its own count.
-    return {"history": {"$slice": [
-        {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}, -HISTORY_LIMIT]},
-        "bytes_fetched": {"$add": [{"$ifNull": ["$bytes_fetched", 0]},
-                                   {"$ifNull": ["$attempt.fetched", 0]}]},
-        "attempt": {"$literal": None}}
-
-
-def _history_entry(task: Task, now: dt.datetime, outcome: str, worker: str | None = None,
-                   attempt: dict[str, Any] | None = None) -> dict[str, Any]:
-    attempt = attempt or task.attempt or {}
-    entry = {"worker": worker or task.worker, "claim": task.claim,
-             "started_at": task.claimed_at, "ended_at": now, "outcome": outcome,
-             "resumed_from": attempt.get("resumed_from"),
-             "bytes_fetched": attempt.get("fetched") or 0}
-    return {"history": {"$each": [entry], "$slice": -HISTORY_LIMIT}}
 
 
 def _failed_here_lately(cand: dict, worker: str, now: dt.datetime) -> bool:
@@ -309,15 +282,3 @@ def _failed_here_lately(cand: dict, worker: str, now: dt.datetime) -> bool:
         return False
     return (history[-1].get("worker") == worker
             and now < cand["lease_until"] + _LEAVE_TO_OTHERS)
-
-
-def _finish_fields(task: Task, now: dt.datetime, status: Status,
-                   error: TaskError | None = None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"status": str(status), "md5": None,
-                              "error": error.to_doc() if error else None,
-                              "finished_at": now, "lease_until": None, "checkpoint": None}
-    if task.notification.status == NoteStatus.PENDING:
-        fields["notification.next_at"] = now  # the mail is due now
-    if task.callback_pending:
-        fields["callback.next_at"] = now  # and so is the webhook
-    return fields

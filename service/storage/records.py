@@ -46,7 +46,8 @@ class TaskRecords:
         except DuplicateKeyError:
             # Only an idempotent retry reuses an id; its task is already there.
             return task_id
-        self.counters.count(queued=1, total=1)
+        # A task answered from an earlier download is born finished.
+        self.counters.count(queued=0 if task.status.finished else 1, total=1)
         return task_id
 
     async def get(self, task_id: str) -> Task | None:
@@ -68,6 +69,8 @@ def _options(task: Task) -> dict:
         options["algorithms"] = task.algorithms
     if task.expected is not None:
         options["expected"] = str(task.expected)
+    if task.max_age:
+        options["max_age"] = task.max_age
     if task.callback is not None:
         options["callback_url"] = task.callback.url
     return options

@@ -19,6 +19,7 @@ from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
 from service.storage.dbclock import DatabaseClock
 from service.storage.history import TaskHistory
+from service.storage.known_files import KnownFiles
 from service.storage.live_reads import LiveReads
 from service.storage.liveness import WorkerLiveness
 from service.storage.manifests import ManifestRecords
@@ -44,6 +45,7 @@ class Store:
         self.live = LiveReads(self.cols)
         self.history = TaskHistory(self.cols.tasks)
         self.coalescer = Coalescer(self.cols, self.counters)
+        self.known_files = KnownFiles(self.cols)
         self.cancellations = Cancellations(self.cols, self.counters, self.coalescer)
         self.liveness = WorkerLiveness(self.cols.workers)
 
