@@ -12,9 +12,9 @@ key is the normalized URL and the digests asked for (model.same_file).
   (claims scan ``lease_until`` windows). Then it adds its id to the entry,
   on condition that the entry still names that leader; if the leader has
   ended meanwhile, the task is made runnable on its own instead.
-- When the leader ends, its worker removes the entry (one atomic
-  find-and-delete, so a follower is either in the list it gets back or
-  was refused by the condition above) and ends every follower with the
+- When the leader ends, its worker removes the entry (a read, then a
+  delete on condition that the list it read is still the list, so a
+  follower is either in that list or was refused by the join's condition) and ends every follower with the
   leader's result in one bulk write: same digests, same error, each task
   verified against its own expected checksum and mailed to its own address.
 - A cancelled leader hands its place to its oldest follower still waiting,
@@ -101,9 +101,18 @@ class Coalescer:
     async def settle(self, leader: Task) -> int:
         """End the followers of a leader that has ended (done, failed or
         cancelled); how many were ended or freed."""
-        doc = await self.inflight.find_one_and_delete(
-            {"_id": file_key(leader.url, leader.algorithms), "leader": leader.id})
-        followers = list(doc["followers"]) if doc else []
+        key = file_key(leader.url, leader.algorithms)
+        while True:
+            # A read and a delete on condition that no follower joined in
+            # between: SecantusDB's find-and-modify costs ten times both.
+            doc = await self.inflight.find_one({"_id": key, "leader": leader.id})
+            if doc is None:
+                return 0
+            followers = list(doc["followers"])
+            gone = await self.inflight.delete_one(
+                {"_id": key, "leader": leader.id, "followers": followers})
+            if gone.deleted_count:
+                break
         if not followers:
             return 0
         return await self._settle(followers, leader.id)
