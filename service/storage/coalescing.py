@@ -14,9 +14,10 @@ key is the normalized URL and the digests asked for (model.same_file).
   ended meanwhile, the task is made runnable on its own instead.
 - When the leader ends, its worker removes the entry (a read, then a
   delete on condition that the list it read is still the list, so a
-  follower is either in that list or was refused by the join's condition) and ends every follower with the
-  leader's result in one bulk write: same digests, same error, each task
-  verified against its own expected checksum and mailed to its own address.
+  follower is either in that list or was refused by the join's
+  condition) and ends every follower with the leader's result in one bulk
+  write: same digests, same error, each task verified against its own
+  expected checksum and mailed to its own address.
 - A cancelled leader hands its place to its oldest follower still waiting,
   which becomes runnable; the others follow it.
 - A crash between those steps leaves a follower whose leader has ended, or
