@@ -184,6 +184,13 @@ def test_scale_out_two_apis_three_workers(mongo, logs, files):
     try:
         for api in apis:
             api.start()
+        # Every worker must be up before the burst, or the first two can
+        # finish it before the third takes a task (a CI flake: 2 != 3).
+        heartbeats = MongoClient(f"{mongo}/{db_name}").get_default_database()["workers"]
+        deadline = time.monotonic() + 60
+        while heartbeats.count_documents({}) < 3:
+            assert time.monotonic() < deadline, "three workers did not report in 60 s"
+            time.sleep(0.1)
         key = uuid.uuid4().hex[:8]
         ids = []
         for i in range(500):
