@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""md5-light: compute the MD5 of files on the web, in the background.
+"""md5-light: checksums (MD5, SHA-1/256/512, BLAKE2b) of files on the web, computed
+and verified in the background.
 
 Roles:
   all     (default) the API, a pool of worker processes and, with no

@@ -32,7 +32,10 @@ GiB = 1024 * MiB
 
 
 class Nginx:
-    def __init__(self, root: Path):
+    """nginx serving ``root`` on 127.0.0.1; ``http`` and ``server`` add
+    directives (a log, a rate limit) for benchmarks that need them."""
+
+    def __init__(self, root: Path, http: str = "access_log off;", server: str = ""):
         self.root = root
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="nginx-"))
@@ -44,7 +47,7 @@ error_log {self.dir}/error.log;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    {http}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -56,6 +59,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         root {root};
+        {server}
     }}
 }}
 """)

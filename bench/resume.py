@@ -31,51 +31,22 @@ from pathlib import Path
 
 import requests
 
-from bench.common import Stack, free_port, table
+from bench.common import Stack, table
+from bench.perf import Nginx
 
 MiB = 1024 * 1024
 
 
-class ThrottledNginx:
+class ThrottledNginx(Nginx):
     """nginx serving ``root`` at ``rate`` per connection, logging the bytes
     it sent for each request."""
 
     def __init__(self, root: Path, rate: str):
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="nginx-resume-"))
-        self.log = self.dir / "access.log"
-        conf = self.dir / "nginx.conf"
-        temp = " ".join(f"{k}_temp_path {self.dir};" for k in
-                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf.write_text(f"""
-worker_processes 1;
-pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log;
-daemon off;
-events {{ worker_connections 256; }}
-http {{
-    log_format sent '$request_uri $status $bytes_sent "$http_range"';
-    access_log {self.log} sent;
-    {temp}
-    server {{
-        listen 127.0.0.1:{self.port};
-        root {root};
-        limit_rate {rate};
-    }}
-}}
-""")
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url("missing"), timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start")
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        log = Path(tempfile.mkdtemp(prefix="nginx-log-")) / "access.log"
+        super().__init__(root, http=(
+            "log_format sent '$request_uri $status $bytes_sent \"$http_range\"';\n"
+            f"    access_log {log} sent;"), server=f"limit_rate {rate};")
+        self.log = log
 
     def requests_for(self, uri: str) -> list[tuple[int, int, str]]:
         """(status, bytes sent, Range) of every logged request for ``uri``.
@@ -88,9 +59,8 @@ http {{
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().stop()
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def make_file(root: Path, size: int) -> str:

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    """The predicate's first true value, polled every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 class Service:
     def __init__(self, mongo_base: str | None, log_dir: Path, role: str = "all",
                  db_name: str | None = None, quick: bool = True, **env: str):

@@ -14,25 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from pymongo import MongoClient
 from fileserver import md5_of
-from servicectl import Service, free_port
+from pymongo import MongoClient
+from servicectl import Service, free_port, wait_for
 from slowfiles import SlowFiles
 from smtpserver import SMTPServer
 
 from service.model.same_file import file_key, normalized_url
 from service.model.task import Status, Task
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
