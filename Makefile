@@ -64,6 +64,7 @@ shell: $(MONGOSH)
 bench: $(STAMP)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	$(BIN)/python -m bench.perf
+	$(BIN)/python -m bench.digests
 
 clean:
 	rm -rf $(VENV) $(TOOLS) data .pytest_cache

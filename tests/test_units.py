@@ -12,6 +12,7 @@ import hashlib
 import smtplib
 import socket
 import ssl
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,9 +25,9 @@ from service import config as config_mod
 from service.backoff import Backoff
 from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, classify
-from service.fetch.hashing import BLOCK, DigestSink
-from service.model.digests import ALGORITHMS, Checksum, ServerDigest
+from service.fetch.hashing import BLOCK, DEPTH, DigestSink
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
+from service.model.digests import ALGORITHMS, Checksum, ServerDigest
 from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
 from service.notify.mailer import Mailer, MailError
@@ -213,6 +214,38 @@ def test_digest_sink_matches_hashlib(sizes, algorithms):
     assert asyncio.run(run(None)) == expected
     with ThreadPoolExecutor(2) as pool:
         assert asyncio.run(run(pool)) == expected
+
+
+def test_digest_sink_keeps_each_digest_in_order_with_many_blocks_in_flight():
+    # A reader that never waits puts every block in flight at once: two
+    # pool threads serve five digests, and each digest must still see its
+    # blocks in order (consecutive updates on two threads would not).
+    blocks = [bytes([i]) * BLOCK for i in range(12)]
+
+    async def run(pool):
+        sink = DigestSink(list(ALGORITHMS), pool)
+        for block in blocks:
+            sink.feed(block)
+        return await sink.hexdigests()
+
+    data = b"".join(blocks)
+    with ThreadPoolExecutor(2) as pool:
+        assert asyncio.run(run(pool)) == {a: hashlib.new(a, data).hexdigest() for a in ALGORITHMS}
+
+
+def test_digest_sink_holds_the_reader_once_depth_blocks_are_in_flight():
+    gate = threading.Event()
+
+    async def run(pool):
+        sink = DigestSink(["md5"], pool)
+        pool.submit(gate.wait)  # the only hashing thread is busy
+        waits = [sink.feed(b"x" * BLOCK) is not None for _ in range(DEPTH + 1)]
+        gate.set()
+        await sink.hexdigests()
+        return waits
+
+    with ThreadPoolExecutor(1) as pool:
+        assert asyncio.run(run(pool)) == [False] * (DEPTH - 1) + [True, True]
 
 
 def test_digest_sink_takes_a_digest_only_before_the_first_byte():
