@@ -75,6 +75,7 @@ class Worker:
                       if config.webhook_secret else None)
         self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks)
         self.active: dict[str, tuple[Task, Download]] = {}
+        self._claimed: dict[str, float] = {}  # task id: when (loop_time) it was claimed
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._jobs: set[asyncio.Task] = set()
@@ -164,6 +165,7 @@ class Worker:
                             task.algorithms, Checkpoint.from_doc(task.checkpoint),
                             revalidate=task.revalidate)
         self.active[task.id] = (task, download)
+        self._claimed[task.id] = loop_time()
         job = asyncio.create_task(self._process(task, download))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
@@ -198,6 +200,7 @@ class Worker:
             await self.outcomes.internal_error(task)
         finally:
             self.active.pop(task.id, None)
+            self._claimed.pop(task.id, None)
             self.wake.set()
 
     # -- leases and progress ------------------------------------------------
@@ -211,6 +214,12 @@ class Worker:
             if rounds % SWEEP_ROUNDS == 0:
                 await self._sweep()
             for task, download in list(self.active.values()):
+                if loop_time() - self._claimed.get(task.id, 0.0) < interval:
+                    # Its lease is fresh from the claim, and it has no
+                    # progress worth a write yet: most small tasks end
+                    # before their first renewal, which would then only
+                    # find them finished.
+                    continue
                 try:
                     # A renewal later than this is no use (the lease may be
                     # gone), and one hung on a dead link would hold up the

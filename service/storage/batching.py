@@ -1,4 +1,7 @@
-"""Group concurrent inserts into one ``insert_many``.
+"""Group concurrent writes into one: inserts into one ``insert_many``
+(``InsertBatcher``), and any other write that can serve many callers at
+once (``Batcher``: a task's end, the file's record, the coalescing entry's
+delete).
 
 Under a burst of submits the database, not the API, is the limit, and on
 SecantusDB a batch of 16 inserts costs about what five single ones do. A
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 from pymongo.errors import (
     BulkWriteError,
@@ -24,6 +29,14 @@ from pymongo.errors import (
 _NOT_THE_DOCUMENTS = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 
 MAX_BATCH = 256
+
+# How long the first of the writes that end a task waits for others to
+# share its batch: in a burst of small files a worker's tasks end a few
+# milliseconds apart, and one write for several is most of the saving.
+END_LINGER = 0.005
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class InsertBatcher:
@@ -87,3 +100,51 @@ class InsertBatcher:
             except Exception as exc:  # noqa: BLE001 - reported to this waiter only
                 failed[i] = exc
         return failed
+
+
+class Batcher(Generic[T, R]):
+    """Group concurrent calls into one ``write(items)``, which answers
+    each item in order (a result, or an exception for that item alone).
+    The first call of a batch waits ``linger`` seconds for company; calls
+    made while a batch is being written go in the next one. An exception
+    raised by ``write`` itself reaches every caller of that batch."""
+
+    def __init__(self, write: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+                 linger: float = 0.0):
+        self._write = write
+        self.linger = linger
+        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._flushing = False
+
+    async def submit(self, item: T) -> R:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._flushing:
+            self._flushing = True
+            # A fresh context, as InsertBatcher's: no caller's deadline.
+            asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            if self.linger:
+                await asyncio.sleep(self.linger)
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                await self._one(batch)
+        finally:
+            self._flushing = False
+
+    async def _one(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        try:
+            results: Sequence[R | BaseException] = await self._write([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller gave up (timeout); nothing to tell
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

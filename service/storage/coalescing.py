@@ -12,10 +12,12 @@ key is the normalized URL and the digests asked for (model.same_file).
   (claims scan ``lease_until`` windows). Then it adds its id to the entry,
   on condition that the entry still names that leader; if the leader has
   ended meanwhile, the task is made runnable on its own instead.
-- When the leader ends, its worker removes the entry (a read, then a
+- When the leader ends, its worker removes the entry. Nobody followed
+  most leaders: their entries go in one delete on condition of an empty
+  list, shared by the leaders that end together. Otherwise a read, then a
   delete on condition that the list it read is still the list, so a
   follower is either in that list or was refused by the join's
-  condition) and ends every follower with the leader's result in one bulk
+  condition; then the worker ends every follower with the leader's result in one bulk
   write: same digests, same error, each task verified against its own
   expected checksum and mailed to its own address.
 - A cancelled leader hands its place to its oldest follower still waiting,
@@ -38,7 +40,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from service.model.digests import mismatch
 from service.model.same_file import file_key
 from service.model.task import Status, Task
-from service.storage.batching import InsertBatcher
+from service.storage.batching import END_LINGER, Batcher, InsertBatcher
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, utcnow
 
@@ -55,6 +57,8 @@ class Coalescer:
         # Every submit elects: batched like the tasks' own inserts, a burst
         # of them costs the database a few writes, not one each.
         self._elections = InsertBatcher(cols.inflight)
+        self._lone_ends: Batcher[tuple[str, str], bool] = Batcher(
+            self._delete_unfollowed, END_LINGER)
 
     # -- at submit ------------------------------------------------------------
 
@@ -103,6 +107,8 @@ class Coalescer:
         """End the followers of a leader that has ended (done, failed or
         cancelled); how many were ended or freed."""
         key = file_key(leader.url, leader.algorithms)
+        if await self._lone_ends.submit((key, leader.id)):
+            return 0
         while True:
             # A read and a delete on condition that no follower joined in
             # between: SecantusDB's find-and-modify costs ten times both.
@@ -117,6 +123,19 @@ class Coalescer:
         if not followers:
             return 0
         return await self._settle(followers, leader.id)
+
+    async def _delete_unfollowed(self, ends: list[tuple[str, str]]) -> list[bool]:
+        """Delete the entries of ended leaders nobody follows, in one write;
+        for each, whether its entry is gone (False: it has followers)."""
+        keys = [key for key, _ in ends]
+        gone = await self.inflight.delete_many(
+            {"_id": {"$in": keys}, "leader": {"$in": [leader for _, leader in ends]},
+             "followers": []})
+        if gone.deleted_count == len(ends):
+            return [True] * len(ends)
+        left = {d["_id"]: d["leader"] for d in await self.inflight.find(
+            {"_id": {"$in": keys}}, {"leader": 1}).to_list(None)}
+        return [left.get(key) != leader for key, leader in ends]
 
     async def _settle(self, followers: list[str], leader_id: str) -> int:
         ended = await self.tasks.find_one({"_id": leader_id})

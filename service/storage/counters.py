@@ -6,9 +6,10 @@ by reading every document (20,000 queued: 450 ms to count them, 140 ms for
 estimated_document_count). So the queue depth and the number of tasks
 stored are counters in one ``stats`` document: each process adds up its
 own changes (submits, claims, requeues) in memory and writes them with one
-$inc a tenth of a second later, together with whatever else changed
-meanwhile (at most ten writes a second per process, whatever the load; a
-failed write is retried). Changes a crash loses, and tasks the TTL index
+$inc a second later, together with whatever else changed meanwhile (at
+most one write a second per process, whatever the load: at ten a second
+they were a tenth of a small task's database work; a failed write is
+retried). Changes a crash loses, and tasks the TTL index
 deletes, are corrected by a recount every RECONCILE_EVERY, done by one
 process at a time. Running tasks are few (at most the workers'
 concurrency), so they are counted.
@@ -29,7 +30,7 @@ from service.storage.database import Collections, utcnow
 STATS_ID = "tasks"
 RECONCILE_EVERY = dt.timedelta(minutes=10)
 RECONCILE_LEASE = dt.timedelta(minutes=2)
-FLUSH_DELAY = 0.1
+FLUSH_DELAY = 1.0
 
 
 class TaskCounters:

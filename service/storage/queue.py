@@ -28,10 +28,11 @@ import enum
 import uuid
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 
 from service.model.digests import ServerDigest
 from service.model.task import Status, Task, TaskError
+from service.storage.batching import END_LINGER, Batcher
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
@@ -73,6 +74,8 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.scan = WindowedQueueScan(cols.tasks)
+        self._finishes: Batcher[tuple[Task, dict, dict], bool] = Batcher(
+            self._write_finishes, END_LINGER)
 
     # -- claiming ---------------------------------------------------------
 
@@ -245,11 +248,24 @@ class TaskQueue:
             fields["attempt"] = attempt
         if revalidated_from is not None:
             fields.update(revalidated=True, cached_from=revalidated_from)
-        result = await self.tasks.update_one(
-            held(task, worker),
-            {"$set": fields,
-             "$push": history_entry(task, now, str(status), worker, attempt)})
-        return bool(result.modified_count)
+        return await self._finishes.submit((task, held(task, worker), {
+            "$set": fields, "$push": history_entry(task, now, str(status), worker, attempt)}))
+
+    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]) -> list[bool]:
+        """Several tasks' ends in one write; which of them were still held."""
+        result = await self.tasks.bulk_write(
+            [UpdateOne(fence, update) for _, fence, update in ends], ordered=False)
+        if result.modified_count == len(ends):
+            return [True] * len(ends)
+        # Some were no longer held (cancelled, taken over), or this is the
+        # retry of a write whose answer was lost: an end applied carries
+        # its claim and a final status.
+        docs = {d["_id"]: d for d in await self.tasks.find(
+            {"_id": {"$in": [task.id for task, _, _ in ends]}},
+            {"status": 1, "claim": 1}).to_list(None)}
+        return [task.id in docs and docs[task.id].get("claim") == task.claim
+                and docs[task.id].get("status") in (Status.DONE, Status.FAILED)
+                for task, _, _ in ends]
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
                           count_attempt: bool = True, checkpoint: dict[str, Any] | None = None,

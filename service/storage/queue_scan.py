@@ -67,6 +67,11 @@ class WindowedQueueScan:
     def __init__(self, tasks: AsyncCollection):
         self.tasks = tasks
         self._cursors: dict[int, dt.datetime] = {}
+        # Lanes found empty by the last scan: few tasks arrive in one
+        # between scans, so one query over all of [cursor, now] is cheap,
+        # where stepping windows up to now cost four or five queries per
+        # empty lane at every scan (most of a burst's queries).
+        self._empty: set[int] = set()
         self._cursor_reset = _EPOCH
         self._candidates: list[dict] = []
         self._scanned_at = 0.0
@@ -94,6 +99,8 @@ class WindowedQueueScan:
 
     async def _scan_lane(self, lane: int, now: dt.datetime) -> list[dict]:
         low, window = self._cursors[lane], _WINDOW
+        if lane in self._empty:
+            window = max(window, now - low)
         while True:
             high = min(now, low + window)
             found = await self.tasks.find(
@@ -104,8 +111,10 @@ class WindowedQueueScan:
                 self._cursors[lane] = found[0]["lease_until"]
                 found = found[:_KEEP]
                 random.shuffle(found)
+                self._empty.discard(lane)
                 return found
             if high >= now:
                 self._cursors[lane] = min(self._cursors[lane], now - _CURSOR_MARGIN)
+                self._empty.add(lane)
                 return []
             low, window = high, window * 4
