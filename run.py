@@ -91,6 +91,7 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     config -> database -> store -> app -> server -> pool."""
     from handlers.app import make_app
     from handlers.base import MAX_BODY
+    from service.live.finished import FinishedChecks
     from service.runtime import metrics
     from service.runtime.connlimit import raise_fd_limit
     from service.runtime.embedded_db import DatabaseSupervisor
@@ -103,9 +104,12 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     # this soon when the database is down, so /submit answers 503 in time.
     store = open_store(config, uri, serverSelectionTimeoutMS=SERVER_SELECTION_MS)
     await wait_for_database(store)
-    pool = WorkerPool(config, uri, workers) if workers else None
+    # What the pool's workers report ending, /check answers from memory.
+    finished = FinishedChecks()
+    pool = WorkerPool(config, uri, workers, on_result=finished.put) if workers else None
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
-    app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges)
+    app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges,
+                   finished=finished)
     supervisor = None
     if database is not None:
         supervisor = DatabaseSupervisor(database, on_restart=metrics.DATABASE_RESTARTS.inc)

@@ -20,6 +20,7 @@ from service.live.feeds import (
     task_feed,
     task_version,
 )
+from service.live.finished import FinishedChecks
 from service.live.watcher import StreamLimit, Watcher
 from service.runtime.metrics import WATCH_ROUNDS, DatabaseGauges
 from service.storage.store import Store
@@ -34,7 +35,7 @@ from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
 def make_app(config: Config, store: Store, wake: Callable[[], None],
-             gauges: DatabaseGauges) -> web.Application:
+             gauges: DatabaseGauges, finished: FinishedChecks | None = None) -> web.Application:
     """The routes, each handler given what it needs through initialize."""
     admission = Admission(store, config.max_pending_per_client, config.max_queued)
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
@@ -42,12 +43,13 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
                               coalesce=config.coalesce,
                               webhooks=config.webhook_secret is not None)
     manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
+    finished = finished if finished is not None else FinishedChecks()
     streams = dict(limit=StreamLimit(config.max_streams_per_client),
                    keepalive=config.sse_keepalive, client_ip_header=config.client_ip_header)
     routes: list[Any] = [
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
-        (r"/check", CheckHandler, dict(records=store.records)),
+        (r"/check", CheckHandler, dict(records=store.records, finished=finished)),
         (r"/tasks", TaskListHandler, dict(history=store.history)),
         (r"/tasks/([^/]+)/events", EventsHandler, dict(feed=_task_feed(store), **streams)),
         (r"/manifests/([^/]+)/events", EventsHandler,

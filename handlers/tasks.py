@@ -16,6 +16,7 @@ from service.intake.admission import (
 )
 from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
+from service.live.finished import FinishedChecks
 from service.model.task import Task
 from service.model.views import NOT_FOUND, check_view, task_view
 from service.runtime.metrics import SUBMISSIONS, TASKS_FINISHED
@@ -95,10 +96,18 @@ class TaskReader(JsonHandler):
 
 
 class CheckHandler(TaskReader):
+    def initialize(self, records: TaskRecords,  # type: ignore[override]
+                   finished: FinishedChecks) -> None:
+        super().initialize(records)
+        self.finished = finished
+
     async def get(self) -> None:
         task_id = self.one(self.arguments(), "id")
         if not task_id:
             return self.send(400, {"error": "id is required"})
+        known = self.finished.get(task_id)
+        if known is not None:
+            return self.send(*known)
         task = await self.find(task_id)
         if task is None:
             return self.send(404, NOT_FOUND)

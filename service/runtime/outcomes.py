@@ -6,10 +6,12 @@ max_age, due mails and webhooks). Every write waits out a database blip."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
@@ -18,7 +20,8 @@ from service.config import Config
 from service.fetch.download import Download, Fetched, FetchError
 from service.model.digests import mismatch
 from service.model.same_file import KnownFile
-from service.model.task import Task, TaskError, utcnow
+from service.model.task import Status, Task, TaskError, utcnow
+from service.model.views import check_view
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
 from service.runtime.webhook_sender import WebhookSender
@@ -32,11 +35,16 @@ loop_time = time.monotonic
 DOWNLOAD_RETRY_CAP = 300.0
 WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
+# Told of each end recorded: the task's id and its /check answer.
+Announce = Callable[[str, int, dict[str, Any]], None]
+
 
 class Outcomes:
     def __init__(self, config: Config, store: Store, worker: str,
-                 mail: MailSender | None, hooks: WebhookSender | None):
+                 mail: MailSender | None, hooks: WebhookSender | None,
+                 announce: Announce | None = None):
         self.config = config
+        self.announce = announce
         self.store = store
         self.name = worker
         self.mail = mail
@@ -47,6 +55,10 @@ class Outcomes:
         # A file that is not the expected one will not change on a retry.
         wrong = mismatch(task.expected, fetched.digests) if task.expected else None
         error = TaskError("mismatch", wrong) if wrong else None
+        # The file's record first: whoever sees the task done and then asks
+        # with max_age must find this download (its end is written in a
+        # batch, after the record's own batch).
+        await self._remember(task, download, fetched)
         if await self._persist(partial(
                 self.store.queue.finish, task, self.name, digests=fetched.digests,
                 error=error, verified=None if task.expected is None else not wrong,
@@ -54,11 +66,13 @@ class Outcomes:
                 bytes_total=download.bytes_total, attempt=download.progress(),
                 revalidated_from=task.revalidate.task
                 if fetched.not_modified and task.revalidate else None)):
+            self._announce(task, Status.FAILED if wrong else Status.DONE, error,
+                           digests=fetched.digests, md5=None if wrong else fetched.digests["md5"],
+                           verified=None if task.expected is None else not wrong)
             # Counted once recorded: a task cancelled meanwhile is not done.
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
                      fetched.digests["md5"], download.bytes_done)
-            await self._remember(task, download, fetched)
             await self._after_finish(task, "mismatch" if wrong else "ok", download)
 
     async def _remember(self, task: Task, download: Download, fetched: Fetched) -> None:
@@ -90,6 +104,7 @@ class Outcomes:
                                        bytes_done=download.bytes_done,
                                        bytes_total=download.bytes_total,
                                        attempt=download.progress())):
+            self._announce(task, Status.FAILED, exc.as_task_error())
             metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task.id, exc.message)
             await self._after_finish(task, "failed", download)
@@ -136,8 +151,16 @@ class Outcomes:
         log.info("task %s returned to the queue (worker shutting down)", task.id)
 
     async def internal_error(self, task: Task) -> None:
-        await self._persist(partial(self.store.queue.finish, task, self.name, error=TaskError(
-            "internal", "internal error while processing the task")))
+        error = TaskError("internal", "internal error while processing the task")
+        if await self._persist(partial(self.store.queue.finish, task, self.name, error=error)):
+            self._announce(task, Status.FAILED, error)
+
+    def _announce(self, task: Task, status: Status, error: TaskError | None,
+                  **result: Any) -> None:
+        """Tell the API process the /check answer of an end just recorded."""
+        if self.announce is not None:
+            self.announce(task.id, *check_view(
+                dataclasses.replace(task, status=status, error=error, **result)))
 
 
 def _resume_fields(download: Download) -> dict:

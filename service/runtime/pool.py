@@ -3,7 +3,8 @@
 Each worker is ``run.py worker`` in its own process (its own IOLoop and
 GIL), given the same configuration through its environment. The API wakes
 them through a pipe per worker after each submit, so a task starts at once
-instead of at the next poll; a dead worker is started again.
+instead of at the next poll, and hears through another of every task end
+they record (``results_pipe``); a dead worker is started again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from service.backoff import Backoff
 from service.config import Config, to_environ
 from service.runtime.procutil import die_with_parent
+from service.runtime.results_pipe import ENV as RESULTS_ENV
+from service.runtime.results_pipe import OnResult, ResultsReader
 
 log = logging.getLogger("md5light.pool")
 
@@ -35,14 +38,17 @@ class _Slot:
     index: int
     process: subprocess.Popen | None = None
     wake_fd: int | None = None
+    results: ResultsReader | None = None
     started: float = 0.0
     quick_deaths: int = 0
     restart_at: float = 0.0
 
 
 class WorkerPool:
-    def __init__(self, config: Config, mongodb_uri: str, count: int):
+    def __init__(self, config: Config, mongodb_uri: str, count: int,
+                 on_result: OnResult | None = None):
         self.config = config
+        self.on_result = on_result
         self.mongodb_uri = mongodb_uri
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
@@ -61,12 +67,22 @@ class WorkerPool:
         env.update(to_environ(self.config))
         env["MONGODB_URI"] = self.mongodb_uri
         env["MD5LIGHT_WAKE_FD"] = str(read_fd)
+        passed = [read_fd]
+        if self.on_result is not None:
+            results_read, results_write = os.pipe()
+            env[RESULTS_ENV] = str(results_write)
+            passed.append(results_write)
         # Own session: Ctrl-C reaches only run.py, which drains the workers
         # in order (stop claiming, let downloads finish, requeue the rest).
         slot.process = subprocess.Popen(
-            [sys.executable, RUN_PY, "worker"], env=env, pass_fds=(read_fd,),
+            [sys.executable, RUN_PY, "worker"], env=env, pass_fds=passed,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-        os.close(read_fd)
+        for fd in passed:
+            os.close(fd)
+        if self.on_result is not None:
+            if slot.results is not None:
+                slot.results.close()
+            slot.results = ResultsReader(results_read, self.on_result)
         if slot.wake_fd is not None:
             os.close(slot.wake_fd)
         slot.wake_fd = write_fd
@@ -129,3 +145,6 @@ class WorkerPool:
             if slot.wake_fd is not None:
                 os.close(slot.wake_fd)
                 slot.wake_fd = None
+            if slot.results is not None:
+                slot.results.close()
+                slot.results = None

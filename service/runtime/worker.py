@@ -30,14 +30,14 @@ from service.notify.mailer import Mailer
 from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
-from service.runtime.outcomes import Outcomes
+from service.runtime.outcomes import Announce, Outcomes
 from service.runtime.webhook_sender import WebhookSender
 from service.storage.queue import Lease
 from service.storage.store import Store
 
 log = logging.getLogger("md5light.worker")
 
-CLAIM_BATCH = 4
+CLAIM_BATCH = 8
 # Lease rounds (about a second each) between looks for what a worker that
 # died left half done: manifests whose last line ended, coalesced submits
 # whose download ended.
@@ -61,7 +61,8 @@ class ShuttingDown(Interrupted):
 
 
 class Worker:
-    def __init__(self, config: Config, store: Store, name: str | None = None):
+    def __init__(self, config: Config, store: Store, name: str | None = None,
+                 announce: Announce | None = None):
         self.config = config
         self.store = store
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -73,7 +74,7 @@ class Worker:
                                self.name) if mailer.enabled else None
         self.hooks = (WebhookSender(config, store.callbacks, self.name)
                       if config.webhook_secret else None)
-        self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks)
+        self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks, announce)
         self.active: dict[str, tuple[Task, Download]] = {}
         self._claimed: dict[str, float] = {}  # task id: when (loop_time) it was claimed
         self.wake = asyncio.Event()

@@ -1,5 +1,6 @@
 """The worker role as a process: a lower priority, signals, the wake pipe
-from the parent, and one Worker on its own store."""
+from the parent and the results pipe to it, and one Worker on its own
+store."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 
 from service.config import Config
+from service.runtime.results_pipe import ResultsPipe
 from service.runtime.worker import Worker
 from service.storage.store import open_store
 
@@ -27,7 +29,8 @@ async def main(config: Config) -> None:
     except OSError:
         pass
     store = open_store(config, str(config.mongodb_uri))
-    worker = Worker(config, store)
+    results = ResultsPipe.from_environ()
+    worker = Worker(config, store, announce=results.send if results else None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

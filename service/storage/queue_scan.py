@@ -39,7 +39,7 @@ _RESCAN_EVERY = dt.timedelta(seconds=60)
 # How long scanned candidates are used before the lanes are scanned again: a
 # cached list of one client's backlog must not keep a newer task in a lower
 # lane waiting for longer than this.
-_CANDIDATE_TTL = 0.25
+_CANDIDATE_TTL = 1.0
 # Candidates kept from one window; each worker shuffles them, or workers
 # holding the same list would race for the same task at every step.
 _KEEP = 64
