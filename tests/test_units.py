@@ -27,6 +27,7 @@ from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, classify
 from service.fetch.hashing import BLOCK, DEPTH, DigestSink
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
+from service.live.finished import FinishedChecks
 from service.model.digests import ALGORITHMS, Checksum, ServerDigest
 from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
@@ -356,3 +357,15 @@ def test_backoff_doubles_up_to_its_cap():
     assert [policy.delay(n) for n in range(0, 6)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
     jittered = Backoff(first=1.0, cap=10.0, jitter=0.5)
     assert all(0.5 * 2 ** (n - 1) <= jittered.delay(n) <= 2 ** (n - 1) for n in range(1, 4))
+
+
+# -- ended tasks' /check answers ------------------------------------------------
+
+def test_finished_checks_keep_the_newest_and_forget_the_old():
+    checks = FinishedChecks(max_entries=2, keep_seconds=60)
+    for n in range(3):
+        checks.put(f"t{n}", 200, {"n": n})
+    assert checks.get("t0") is None and checks.get("t2") == (200, {"n": 2})
+    stale = FinishedChecks(keep_seconds=0)
+    stale.put("t", 502, {})
+    assert stale.get("t") is None and len(stale) == 0

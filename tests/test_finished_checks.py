@@ -1,0 +1,65 @@
+"""/check answers ended tasks from the API's memory (#17): the pool's
+workers report every end they record through a pipe. Those answers must
+be the ones the stored task gives, and must cost the database nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+from fileserver import md5_of
+from pymongo import MongoClient
+from servicectl import wait_for
+
+from service.model.task import Task
+from service.model.views import check_view
+
+
+def database(svc):
+    return MongoClient(svc.env["MONGODB_URI"], tz_aware=True).get_default_database()
+
+
+def ended(svc, **data) -> str:
+    r = requests.post(svc.base + "/submit", data=data, timeout=30)
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+    # Waited for through /tasks/<id>, which always reads the database.
+    wait_for(lambda: svc.task(task_id)["status"] in ("done", "failed"), 60, "the task's end")
+    return task_id
+
+
+@pytest.mark.parametrize("data", [
+    {"path": "/bytes/3000"},
+    {"path": "/bytes/3001", "algorithms": "sha256,sha512"},
+    {"path": "/bytes/3002", "expected": "sha256:" + "0" * 64},
+    {"path": "/bytes/3003", "expected": "md5:" + md5_of(3003)},
+    {"path": "/status/404"},
+], ids=["md5", "digests", "mismatch", "verified", "failed"])
+def test_an_ended_tasks_answer_is_the_stored_tasks_answer(service, files, data):
+    data = dict(data)
+    task_id = ended(service, url=files.url(data.pop("path")), **data)
+    doc = database(service).tasks.find_one({"_id": task_id})
+    status, body = check_view(Task.from_doc(doc))
+    r = service.check(task_id)
+    assert (r.status_code, r.json()) == (status, body)
+    if data.get("algorithms") is None and status == 200 and "expected" not in data:
+        # The original contract, byte for byte.
+        assert r.text == json.dumps({"md5": doc["md5"], "status": "done", "url": doc["url"]},
+                                    separators=(",", ":"))
+
+
+def test_checking_an_ended_task_reads_nothing_from_the_database(service, files):
+    task_id = ended(service, url=files.url("/bytes/4000"))
+    admin = database(service).client.admin
+
+    def queries() -> int:
+        return admin.command("serverStatus")["opcounters"]["query"]
+
+    wait_for(lambda: service.check(task_id).status_code == 200, 10, "the answer")
+    before = queries()
+    for _ in range(100):
+        assert service.check(task_id).json()["md5"] == md5_of(4000)
+    # The idle workers' own polls read a few times a second; a read per
+    # check would be 100 more.
+    assert queries() - before < 30
