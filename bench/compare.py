@@ -110,16 +110,18 @@ def main() -> int:
         try:
             small = [nginx.url(f"small/s{i}") for i in range(args.n)]
             celery = curl = None
+            waited = celery_waited = 0
             if "a" in only:
                 with Yardstick() as yardstick:
                     burst = Burst(yardstick.base, sums)
                     burst(small[:16])  # warm up
                     celery = burst(small)
+                    celery_waited = burst.unavailable
                 curl = curl_md5sum(small, 16, sums)
             # One client sends the whole burst: lift the per-client cap above it.
             with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100)) as stack:
                 db = MongoClient(stack.mongo_uri()).get_default_database()
-                burst = Burst(stack.base, sums)
+                burst = first = Burst(stack.base, sums)
                 burst(small[:16])  # warm up
                 before = opcounters(db)
                 empty = burst(small)
@@ -159,6 +161,9 @@ def main() -> int:
                     full = burst(small)
                     report.ratio("d", f"burst with {STORED:,} tasks stored vs empty", full,
                                  empty, 1.2)
+                    waited += burst.unavailable
+                notes.append(f"503 answers waited out by the users: md5-light "
+                             f"{waited + first.unavailable}, Celery stack {celery_waited}")
         finally:
             nginx.stop()
     finally:

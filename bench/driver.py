@@ -59,6 +59,24 @@ class Burst:
 
     def __init__(self, base: str, sums: dict[str, str]):
         self.base, self.sums = base, sums
+        # 503s a user waited out (database silent, queue full): counted and
+        # reported, as they are part of what users saw.
+        self.unavailable = 0
+        self._lock = threading.Lock()
+
+    def _ask(self, session: requests.Session, method: str, path: str, **kw) -> requests.Response:
+        """One request as a user's script makes it: a 503 is waited out for
+        its Retry-After (a minute of them in a row fails the run)."""
+        waited = 0.0
+        while True:
+            r = session.request(method, self.base + path, timeout=60, **kw)
+            if r.status_code != 503 or waited > 60:
+                return r
+            with self._lock:
+                self.unavailable += 1
+            pause = float(r.headers.get("Retry-After") or 1)
+            time.sleep(pause)
+            waited += pause
 
     def __call__(self, urls: list[str]) -> float:
         shares = [urls[k::CLIENTS] for k in range(CLIENTS)]
@@ -71,13 +89,13 @@ class Burst:
         session = requests.Session()
         ids = []
         for url in urls:
-            r = session.post(self.base + "/submit", data={"url": url}, timeout=60)
+            r = self._ask(session, "POST", "/submit", data={"url": url})
             if r.status_code != 202:
                 raise SystemExit(f"submit of {url} refused: {r.status_code} {r.text}")
             ids.append(r.json()["id"])
         for task_id, url in zip(ids, urls, strict=True):
             while True:
-                r = session.get(self.base + "/check", params={"id": task_id}, timeout=60)
+                r = self._ask(session, "GET", "/check", params={"id": task_id})
                 if r.status_code != 202:
                     break
                 time.sleep(POLL_SLEEP)

@@ -32,10 +32,17 @@ RESULTS = ROOT / "bench" / "results"
 FILL_LIMIT = 100_000
 
 
-def measure(base: str, sums: dict[str, str], urls: list[str]) -> float:
+# 503 answers the users waited out, per measurement that had any.
+WAITED: list[str] = []
+
+
+def measure(base: str, sums: dict[str, str], urls: list[str], what: str) -> float:
     burst = Burst(base, sums)
     burst(urls[:16])  # warm up
-    return len(urls) / burst(urls)
+    rate = len(urls) / burst(urls)
+    if burst.unavailable:
+        WAITED.append(f"{what}: {burst.unavailable} answers 503 waited out")
+    return rate
 
 
 def plot(by_workers: list[tuple[int, float]], by_stored: list[tuple[int, float]],
@@ -77,11 +84,11 @@ def main() -> int:
         try:
             urls = [nginx.url(f"small/s{i}") for i in range(args.n)]
             with Yardstick() as yardstick:
-                celery = measure(yardstick.base, sums, urls)
+                celery = measure(yardstick.base, sums, urls, "Celery stack")
             print(f"Celery stack: {celery:.1f} tasks/s", flush=True)
             for w in workers:
                 with Stack(WORKERS=str(w), MAX_PENDING_PER_CLIENT=cap) as stack:
-                    by_workers.append((w, measure(stack.base, sums, urls)))
+                    by_workers.append((w, measure(stack.base, sums, urls, f"WORKERS={w}")))
                 print(f"WORKERS={w}: {by_workers[-1][1]:.1f} tasks/s", flush=True)
             with Stack(MAX_PENDING_PER_CLIENT=cap) as stack:
                 Burst(stack.base, sums)(urls[:1])  # a finished task: the fill's template
@@ -91,13 +98,14 @@ def main() -> int:
                         notes.append(store(stack, n))
                     elif n > count:
                         fill_tasks(tasks_of(stack), n - count)
-                    by_stored.append((n, measure(stack.base, sums, urls)))
+                    by_stored.append((n, measure(stack.base, sums, urls, f"{n:,} stored")))
                     count = max(n, count) + args.n + 16
                     print(f"{n:,} stored: {by_stored[-1][1]:.1f} tasks/s", flush=True)
         finally:
             nginx.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    notes += WAITED
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(by_workers, by_stored, celery, RESULTS / "scaling.png")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
