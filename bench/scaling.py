@@ -61,7 +61,7 @@ def plot(by_workers: list[tuple[int, float]], by_stored: list[tuple[int, float]]
             ax.axhline(celery, color="grey", linestyle="--", label="Celery stack (default)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left")
+        ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
