@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Issue #17: md5-light against the stack a Python team would pick
+instead (bench/yardstick: Flask under gunicorn, Celery, Redis), against
+curl | md5sum, and against itself under load, each a ratio measured in
+one run on this machine. Every digest is checked against md5sum.
+
+    a  2,000 x 16 KiB burst, users polling /check, first submit to last
+       answer: vs the Celery stack (<= 0.5) and vs xargs -P 16 of
+       curl | md5sum (<= 0.7)
+    b  database operations per task in that burst (serverStatus
+       opcounters), vs the figure measured at 923dddb (<= 0.25)
+    c  p99 of GET /check during a burst vs on the idle service (<= 5)
+    d  the burst with 1,000,000 finished tasks stored vs an empty store
+       (<= 1.2); the store is filled once and kept (bench.history)
+    e  1 GiB, md5 only, vs curl | md5sum, best of 3 interleaved (<= 0.80)
+
+    .venv/bin/python -m bench.compare [--only a,b,c,d,e] [--n 2000] [--profile]
+
+--profile records py-spy flame graphs of every md5-light process (API,
+each worker, the embedded database) during one more burst, into
+bench/results/profiles/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pymongo import MongoClient
+
+from bench.common import ROOT, Stack, table
+from bench.driver import OPS, Burst, curl_md5sum, make_files, opcounters, per_task
+from bench.history import store
+from bench.perf import Nginx, p99, sample_latency
+from bench.yardstick.stack import Yardstick
+
+STORED = 1_000_000
+# Database operations per task of the 2,000 x 16 KiB burst at commit
+# 923dddb (the service before issue #17's work), measured on 2026-11-24
+# with this driver, mean of two runs on the shared 2-core machine (46 and
+# 47 s bursts; the polling users' queries are part of the count).
+TODAY = {"insert": 0.385, "query": 9.088, "update": 2.847, "delete": 1.000, "getmore": 0.003,
+         "command": 0.083}
+TODAY_TOTAL = sum(TODAY.values())
+PROFILES = ROOT / "bench" / "results" / "profiles"
+
+
+class Report:
+    def __init__(self):
+        self.rows: list[tuple] = []
+        self.verdicts: list[bool] = []
+
+    def ratio(self, key, what, ours, base, target, unit="s", digits=3):
+        ratio = ours / base
+        ok = ratio <= target
+        self.rows.append((key, what, f"{ours:.{digits}f}{unit}", f"{base:.{digits}f}{unit}",
+                          f"{ratio:.2f}", f"<= {target}", "PASS" if ok else "FAIL"))
+        self.verdicts.append(ok)
+
+
+def profile(stack: Stack, run) -> list[Path]:
+    """py-spy on the API process, each worker and the database, one
+    flame graph each, while ``run()`` runs."""
+    assert stack.proc is not None
+    children = subprocess.run(["pgrep", "-P", str(stack.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    spies, paths = [], []
+    for pid in [stack.proc.pid, *map(int, children)]:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        role = ("database" if any(b"secantusd" in part for part in cmdline)
+                else "worker" if b"worker" in cmdline else "api")
+        path = PROFILES / f"{role}-{pid}.svg"
+        spies.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+             "--pid", str(pid), "--rate", "50", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        paths.append(path)
+    time.sleep(1)  # py-spy attaches
+    try:
+        run()
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its graph on Ctrl-C
+        for spy in spies:
+            spy.wait(60)
+    return [p for p in paths if p.exists()]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="a,b,c,d,e")
+    parser.add_argument("--n", type=int, default=2000, help="files in the burst")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    report = Report()
+    notes: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="md5compare-"))
+    try:
+        print("making files...", flush=True)
+        sums = make_files(root, args.n, big="e" in only)
+        nginx = Nginx(root)
+        try:
+            small = [nginx.url(f"small/s{i}") for i in range(args.n)]
+            celery = curl = None
+            waited = celery_waited = 0
+            if "a" in only:
+                with Yardstick() as yardstick:
+                    burst = Burst(yardstick.base, sums)
+                    burst(small[:16])  # warm up
+                    celery = burst(small)
+                    celery_waited = burst.unavailable
+                curl = curl_md5sum(small, 16, sums)
+            # One client sends the whole burst: lift the per-client cap above it.
+            with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100)) as stack:
+                db = MongoClient(stack.mongo_uri()).get_default_database()
+                burst = first = Burst(stack.base, sums)
+                burst(small[:16])  # warm up
+                before = opcounters(db)
+                empty = burst(small)
+                ops = per_task(before, opcounters(db), args.n)
+                if celery is not None and curl is not None:
+                    report.ratio("a", f"{args.n:,} x 16 KiB burst vs Celery stack", empty,
+                                 celery, 0.5)
+                    report.ratio("a", f"{args.n:,} x 16 KiB burst vs xargs -P16 curl", empty,
+                                 curl, 0.7)
+                if "b" in only:
+                    report.ratio("b", "database operations per task", ops["total"],
+                                 TODAY_TOTAL, 0.25, unit="", digits=2)
+                    notes.append("(b) per task, this run: " + ", ".join(
+                        f"{op} {ops[op]:.2f}" for op in (*OPS, "total")))
+                    notes.append("(b) per task at 923dddb: " + ", ".join(
+                        f"{op} {TODAY[op]:.2f}" for op in OPS) + f", total {TODAY_TOTAL:.2f}")
+                if "c" in only:
+                    idle = sample_latency(stack.base, lambda: time.sleep(3))
+                    busy = sample_latency(stack.base, lambda: burst(small))
+                    report.ratio("c", "p99 GET /check during burst vs idle", p99(busy) * 1000,
+                                 p99(idle) * 1000, 5.0, unit="ms")
+                if "e" in only:
+                    big = nginx.url("f1g")
+                    ours, base = [], []
+                    for _ in range(3):  # interleaved: drift hits both alike
+                        base.append(curl_md5sum([big], 1, sums))
+                        ours.append(burst([big]))
+                    report.ratio("e", "1 GiB md5 vs curl | md5sum", min(ours), min(base), 0.80)
+                if args.profile:
+                    graphs = profile(stack, lambda: burst(small))
+                    notes.append(f"profiles: {len(graphs)} flame graphs in "
+                                 f"{PROFILES.relative_to(ROOT)}/")
+                if "d" in only:
+                    notes.append("(d) " + store(stack, STORED))
+                    burst = Burst(stack.base, sums)
+                    burst(small[:16])
+                    full = burst(small)
+                    report.ratio("d", f"burst with {STORED:,} tasks stored vs empty", full,
+                                 empty, 1.2)
+                    waited += burst.unavailable
+                notes.append(f"503 answers waited out by the users: md5-light "
+                             f"{waited + first.unavailable}, Celery stack {celery_waited}")
+        finally:
+            nginx.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(table(report.rows, ("#", "benchmark", "md5-light", "baseline", "ratio", "target",
+                              "")))
+    for note in notes:
+        print(note)
+    passed = sum(report.verdicts)
+    print(f"BENCH {'PASS' if all(report.verdicts) else 'FAIL'}: {passed}/"
+          f"{len(report.verdicts)} targets met, every md5 checked")
+    return 0 if all(report.verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
