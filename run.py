@@ -91,7 +91,7 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     config -> database -> store -> app -> server -> pool."""
     from handlers.app import make_app
     from handlers.base import MAX_BODY
-    from service.live.finished import FinishedChecks
+    from service.live.answers import CheckAnswers
     from service.runtime import metrics
     from service.runtime.connlimit import raise_fd_limit
     from service.runtime.embedded_db import DatabaseSupervisor
@@ -105,11 +105,11 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     store = open_store(config, uri, serverSelectionTimeoutMS=SERVER_SELECTION_MS)
     await wait_for_database(store)
     # What the pool's workers report ending, /check answers from memory.
-    finished = FinishedChecks()
-    pool = WorkerPool(config, uri, workers, on_result=finished.put) if workers else None
+    answers = CheckAnswers()
+    pool = WorkerPool(config, uri, workers, on_result=answers.ended) if workers else None
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
     app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges,
-                   finished=finished)
+                   answers=answers)
     supervisor = None
     if database is not None:
         supervisor = DatabaseSupervisor(database, on_restart=metrics.DATABASE_RESTARTS.inc)

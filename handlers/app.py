@@ -13,6 +13,7 @@ from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
 from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
+from service.live.answers import CheckAnswers
 from service.live.feeds import (
     ManifestState,
     manifest_feed,
@@ -20,7 +21,6 @@ from service.live.feeds import (
     task_feed,
     task_version,
 )
-from service.live.finished import FinishedChecks
 from service.live.watcher import StreamLimit, Watcher
 from service.runtime.metrics import WATCH_ROUNDS, DatabaseGauges
 from service.storage.store import Store
@@ -35,7 +35,7 @@ from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
 def make_app(config: Config, store: Store, wake: Callable[[], None],
-             gauges: DatabaseGauges, finished: FinishedChecks | None = None) -> web.Application:
+             gauges: DatabaseGauges, answers: CheckAnswers | None = None) -> web.Application:
     """The routes, each handler given what it needs through initialize."""
     admission = Admission(store, config.max_pending_per_client, config.max_queued)
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
@@ -43,19 +43,20 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
                               coalesce=config.coalesce,
                               webhooks=config.webhook_secret is not None)
     manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
-    finished = finished if finished is not None else FinishedChecks()
+    answers = answers if answers is not None else CheckAnswers()
     streams = dict(limit=StreamLimit(config.max_streams_per_client),
                    keepalive=config.sse_keepalive, client_ip_header=config.client_ip_header)
     routes: list[Any] = [
         (r"/submit", SubmitHandler, dict(submissions=submissions,
                                          client_ip_header=config.client_ip_header)),
-        (r"/check", CheckHandler, dict(records=store.records, finished=finished)),
+        (r"/check", CheckHandler, dict(records=store.records, answers=answers)),
         (r"/tasks", TaskListHandler, dict(history=store.history)),
         (r"/tasks/([^/]+)/events", EventsHandler, dict(feed=_task_feed(store), **streams)),
         (r"/manifests/([^/]+)/events", EventsHandler,
          dict(feed=_manifest_feed(store), **streams)),
         (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records,
-                                              cancellations=store.cancellations)),
+                                              cancellations=store.cancellations,
+                                              answers=answers)),
         (r"/manifests", ManifestsHandler, dict(intake=manifests,
                                                client_ip_header=config.client_ip_header)),
         (r"/manifests/([^/]+)", ManifestHandler, dict(manifests=store.manifests)),

@@ -16,7 +16,7 @@ from service.intake.admission import (
 )
 from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
-from service.live.finished import FinishedChecks
+from service.live.answers import CheckAnswers
 from service.model.task import Task
 from service.model.views import NOT_FOUND, check_view, task_view
 from service.runtime.metrics import SUBMISSIONS, TASKS_FINISHED
@@ -97,21 +97,23 @@ class TaskReader(JsonHandler):
 
 class CheckHandler(TaskReader):
     def initialize(self, records: TaskRecords,  # type: ignore[override]
-                   finished: FinishedChecks) -> None:
+                   answers: CheckAnswers) -> None:
         super().initialize(records)
-        self.finished = finished
+        self.answers = answers
 
     async def get(self) -> None:
         task_id = self.one(self.arguments(), "id")
         if not task_id:
             return self.send(400, {"error": "id is required"})
-        known = self.finished.get(task_id)
-        if known is not None:
-            return self.send(*known)
-        task = await self.find(task_id)
-        if task is None:
-            return self.send(404, NOT_FOUND)
-        status, body = check_view(task)
+        known = self.answers.get(task_id)
+        if known is None:
+            task = await self.find(task_id)
+            if task is None:
+                return self.send(404, NOT_FOUND)
+            known = check_view(task)
+            if known[0] == 202:
+                self.answers.unfinished(task_id)
+        status, body = known
         if status == 202:
             self.set_header("Retry-After", "1")
         self.send(status, body)
@@ -119,9 +121,10 @@ class CheckHandler(TaskReader):
 
 class TaskHandler(TaskReader):
     def initialize(self, records: TaskRecords,  # type: ignore[override]
-                   cancellations: Cancellations) -> None:
+                   cancellations: Cancellations, answers: CheckAnswers) -> None:
         super().initialize(records)
         self.cancellations = cancellations
+        self.answers = answers
 
     async def get(self, task_id: str) -> None:
         task = await self.find(task_id)
@@ -136,6 +139,7 @@ class TaskHandler(TaskReader):
         if len(task_id) > MAX_ID_LENGTH:
             return self.send(404, NOT_FOUND)
         outcome, task = await self.db(self.cancellations.cancel(task_id, notify))
+        self.answers.forget(task_id)
         if outcome is Outcome.BUSY:
             return self.send(409, {"error": "the task changed state while it was being "
                                             "cancelled; try again"})

@@ -27,7 +27,7 @@ from service.fetch import tornado_hooks as hooks
 from service.fetch.errors import FetchError, classify
 from service.fetch.hashing import BLOCK, DEPTH, DigestSink
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
-from service.live.finished import FinishedChecks
+from service.live.answers import CheckAnswers
 from service.model.digests import ALGORITHMS, Checksum, ServerDigest
 from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
@@ -361,11 +361,25 @@ def test_backoff_doubles_up_to_its_cap():
 
 # -- ended tasks' /check answers ------------------------------------------------
 
-def test_finished_checks_keep_the_newest_and_forget_the_old():
-    checks = FinishedChecks(max_entries=2, keep_seconds=60)
+def test_check_answers_keep_the_newest_and_forget_the_old():
+    answers = CheckAnswers(max_entries=2, keep_seconds=60)
     for n in range(3):
-        checks.put(f"t{n}", 200, {"n": n})
-    assert checks.get("t0") is None and checks.get("t2") == (200, {"n": 2})
-    stale = FinishedChecks(keep_seconds=0)
-    stale.put("t", 502, {})
+        answers.ended(f"t{n}", 200, {"n": n})
+    assert answers.get("t0") is None and answers.get("t2") == (200, {"n": 2})
+    stale = CheckAnswers(keep_seconds=-1)
+    stale.ended("t", 502, {})
     assert stale.get("t") is None and len(stale) == 0
+
+
+def test_an_unfinished_answer_is_brief_and_never_hides_an_end():
+    answers = CheckAnswers(fresh_seconds=60)
+    answers.unfinished("t")
+    assert answers.get("t") == (202, {"status": "running"})
+    answers.ended("t", 200, {"md5": "x"})
+    answers.unfinished("t")  # a read that raced the end's report
+    assert answers.get("t") == (200, {"md5": "x"})
+    answers.forget("t")
+    assert answers.get("t") is None
+    brief = CheckAnswers(fresh_seconds=-1)
+    brief.unfinished("t")
+    assert brief.get("t") is None

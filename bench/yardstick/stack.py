@@ -68,14 +68,13 @@ class Yardstick:
                               "--port", str(self.redis_port), "--dir", str(self.dir),
                               "--save", "", "--appendonly", "no", "--daemonize", "no"])
         self._wait(lambda: self._redis_ping(), "redis-server")
-        bin_dir = Path(sys.executable).parent
         for i in range(self.workers):
             self._spawn(f"celery{i}", [
-                str(bin_dir / "celery"), "-A", "bench.yardstick.tasks", "worker",
+                sys.executable, "-m", "celery", "-A", "bench.yardstick.tasks", "worker",
                 "--pool", "threads", "--concurrency", str(self.threads),
                 "--hostname", f"w{i}@yardstick", "--loglevel", "WARNING"])
         self._spawn("gunicorn", [
-            str(bin_dir / "gunicorn"), "--workers", "2", "--threads", "8", "-k", "gthread",
+            sys.executable, "-m", "gunicorn", "--workers", "2", "--threads", "8", "-k", "gthread",
             "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
             "bench.yardstick.web:app"])
         self._wait(self._web_up, "gunicorn")

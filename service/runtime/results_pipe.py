@@ -1,6 +1,6 @@
 """Workers tell the API process of every task end they record, one JSON
 line per end through a pipe per worker, so that /check can answer ended
-tasks without the database (``live.finished``).
+tasks without the database (``live.answers``).
 
 Best effort by design: the database stays the record, and a lost line
 only costs one read. A line is written whole or not at all: a pipe takes
