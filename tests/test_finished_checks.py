@@ -63,3 +63,27 @@ def test_checking_an_ended_task_reads_nothing_from_the_database(service, files):
     # The idle workers' own polls read a few times a second; a read per
     # check would be 100 more.
     assert queries() - before < 30
+
+
+def test_polling_an_unfinished_task_reads_the_database_about_once_a_second(service, files):
+    r = requests.post(service.base + "/submit", timeout=30,
+                      data={"url": files.url("/slow/5000?parts=5&delay=2")})
+    task_id = r.json()["id"]
+    admin = database(service).client.admin
+    before = admin.command("serverStatus")["opcounters"]["query"]
+    for _ in range(100):
+        r = service.check(task_id)
+        assert (r.status_code, r.json()) == (202, {"status": "running"})
+        assert r.headers["Retry-After"] == "1"
+    # Well under a second of polling: one read, plus the idle workers' own.
+    assert admin.command("serverStatus")["opcounters"]["query"] - before < 30
+
+
+def test_a_cancel_shows_at_once_in_check(service, files):
+    r = requests.post(service.base + "/submit", timeout=30,
+                      data={"url": files.url("/slow/5000?parts=5&delay=2")})
+    task_id = r.json()["id"]
+    assert service.check(task_id).status_code == 202  # now remembered as unfinished
+    assert requests.delete(f"{service.base}/tasks/{task_id}", timeout=30).status_code == 200
+    assert service.check(task_id).json() == {"status": "cancelled", "url": files.url(
+        "/slow/5000?parts=5&delay=2")}
