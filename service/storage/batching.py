@@ -40,61 +40,36 @@ R = TypeVar("R")
 
 
 class InsertBatcher:
+    """Concurrent inserts into one collection, as ``insert_many``s."""
+
     def __init__(self, collection):
         self.collection = collection
-        self._pending: list[tuple[dict, asyncio.Future]] = []
-        self._flushing = False
+        self._batcher: Batcher[dict, None] = Batcher(self._write)
 
     async def insert(self, doc: dict) -> None:
         """Insert ``doc``; DuplicateKeyError if its _id exists."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((doc, future))
-        if not self._flushing:
-            self._flushing = True
-            # A fresh context: the flush serves many submits and must not
-            # inherit the first one's deadline (pymongo.timeout lives in a
-            # context variable).
-            asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
-        await future
+        await self._batcher.submit(doc)
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[:MAX_BATCH]
-                del self._pending[:MAX_BATCH]
-                await self._write(batch)
-        finally:
-            self._flushing = False
-
-    async def _write(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+    async def _write(self, docs: list[dict]) -> list[BaseException | None]:
         failed: dict[int, BaseException] = {}
         try:
-            await self.collection.insert_many([doc for doc, _ in batch], ordered=False)
+            await self.collection.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             for error in exc.details.get("writeErrors", []):
                 failed[error["index"]] = (DuplicateKeyError(error.get("errmsg", "duplicate"))
                                           if error.get("code") == 11000 else exc)
         except _NOT_THE_DOCUMENTS as exc:
-            failed = {i: exc for i in range(len(batch))}
+            failed = {i: exc for i in range(len(docs))}
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             # One bad document (one that cannot be encoded, say) fails the
             # whole insert_many before anything is written; it must not
             # take the others down with it.
-            failed = await self._one_by_one(batch) if len(batch) > 1 else {0: exc}
-        for i, (_, future) in enumerate(batch):
-            if future.done():
-                continue  # its submit gave up (timeout); nothing to tell
-            if i in failed:
-                future.set_exception(failed[i])
-            else:
-                future.set_result(None)
+            failed = await self._one_by_one(docs) if len(docs) > 1 else {0: exc}
+        return [failed.get(i) for i in range(len(docs))]
 
-    async def _one_by_one(self, batch: list[tuple[dict, asyncio.Future]]
-                          ) -> dict[int, BaseException]:
+    async def _one_by_one(self, docs: list[dict]) -> dict[int, BaseException]:
         failed: dict[int, BaseException] = {}
-        for i, (doc, future) in enumerate(batch):
-            if future.done():
-                continue
+        for i, doc in enumerate(docs):
             try:
                 await self.collection.insert_one(doc)
             except Exception as exc:  # noqa: BLE001 - reported to this waiter only
@@ -121,7 +96,9 @@ class Batcher(Generic[T, R]):
         self._pending.append((item, future))
         if not self._flushing:
             self._flushing = True
-            # A fresh context, as InsertBatcher's: no caller's deadline.
+            # A fresh context: the flush serves many callers and must not
+            # inherit the first one's deadline (pymongo.timeout lives in a
+            # context variable).
             asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
         return await future
 
