@@ -350,6 +350,38 @@ def test_two_claimers_one_task(mongo):
     asyncio.run(main())
 
 
+def test_ends_written_together_fail_alone(mongo):
+    """Ends that share a write: one that cannot be stored (a lone surrogate
+    in its message) fails by itself, the others are recorded, and an end
+    no longer held (taken over) says so."""
+    config = config_mod.load(None, {"LEASE_SECONDS": "30"})
+
+    async def main():
+        store = open_store(config, f"{mongo}/t_ends_{uuid.uuid4().hex[:8]}")
+        try:
+            await store.ensure_indexes()
+            for _ in range(4):
+                await store.records.create(Task.new("http://h.test/x", None, False))
+            tasks = await store.queue.claim("W", 4)
+            assert len(tasks) == 4
+            tasks[3].claim = "someone else's"
+            outcomes = await asyncio.gather(
+                store.queue.finish(tasks[0], "W", digests={"md5": "a"}),
+                store.queue.finish(tasks[1], "W", error=TaskError("x", "bad \ud800 text")),
+                store.queue.finish(tasks[2], "W", digests={"md5": "c"}),
+                store.queue.finish(tasks[3], "W", digests={"md5": "d"}),
+                return_exceptions=True)
+            assert outcomes[0] is True and outcomes[2] is True and outcomes[3] is False
+            assert isinstance(outcomes[1], Exception)
+            stored = [await store.records.get(t.id) for t in tasks]
+            assert [t.status for t in stored] == [Status.DONE, Status.RUNNING, Status.DONE,
+                                                  Status.RUNNING]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 # -- one retry policy ---------------------------------------------------------
 
 def test_backoff_doubles_up_to_its_cap():

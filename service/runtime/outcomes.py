@@ -84,8 +84,9 @@ class Outcomes:
         try:
             await self.store.known_files.remember(task, KnownFile(
                 task.id, utcnow(), fetched.digests, fetched.etag, fetched.last_modified, size))
-        except PyMongoError:
-            pass  # only a later max_age submit misses it
+        except Exception as exc:  # noqa: BLE001 - best effort, before the end that matters
+            log.warning("task %s: the file's record for max_age was not stored (%s)", task.id,
+                        type(exc).__name__)
 
     async def failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
         if exc.transient and task.attempts < self.config.max_attempts:

@@ -26,7 +26,7 @@ from pymongo.errors import (
 
 # Errors that say nothing about the documents: every waiter hears of them
 # (an unreachable database is a 503 for all), with no retry one by one.
-_NOT_THE_DOCUMENTS = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
+NOT_THE_DOCUMENTS = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 
 MAX_BATCH = 256
 
@@ -58,23 +58,30 @@ class InsertBatcher:
             for error in exc.details.get("writeErrors", []):
                 failed[error["index"]] = (DuplicateKeyError(error.get("errmsg", "duplicate"))
                                           if error.get("code") == 11000 else exc)
-        except _NOT_THE_DOCUMENTS as exc:
+        except NOT_THE_DOCUMENTS as exc:
             failed = {i: exc for i in range(len(docs))}
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+        except Exception:  # noqa: BLE001 - every waiter must hear of it
             # One bad document (one that cannot be encoded, say) fails the
             # whole insert_many before anything is written; it must not
             # take the others down with it.
-            failed = await self._one_by_one(docs) if len(docs) > 1 else {0: exc}
+            if len(docs) == 1:
+                raise
+            return await one_by_one(docs, self.collection.insert_one)
         return [failed.get(i) for i in range(len(docs))]
 
-    async def _one_by_one(self, docs: list[dict]) -> dict[int, BaseException]:
-        failed: dict[int, BaseException] = {}
-        for i, doc in enumerate(docs):
-            try:
-                await self.collection.insert_one(doc)
-            except Exception as exc:  # noqa: BLE001 - reported to this waiter only
-                failed[i] = exc
-        return failed
+
+async def one_by_one(items: list[T], write: Callable[[T], Awaitable[R]]
+                     ) -> list[R | BaseException]:
+    """A batch that failed as a whole for one bad item (one that cannot be
+    encoded, say), written again an item at a time: the bad one fails
+    alone."""
+    results: list[R | BaseException] = []
+    for item in items:
+        try:
+            results.append(await write(item))
+        except Exception as exc:  # noqa: BLE001 - reported to this item's caller only
+            results.append(exc)
+    return results
 
 
 class Batcher(Generic[T, R]):

@@ -26,13 +26,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, UpdateOne
 
 from service.model.digests import ServerDigest
 from service.model.task import Status, Task, TaskError
-from service.storage.batching import END_LINGER, Batcher
+from service.storage.batching import END_LINGER, NOT_THE_DOCUMENTS, Batcher, one_by_one
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
@@ -251,10 +252,18 @@ class TaskQueue:
         return await self._finishes.submit((task, held(task, worker), {
             "$set": fields, "$push": history_entry(task, now, str(status), worker, attempt)}))
 
-    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]) -> list[bool]:
+    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]
+                              ) -> Sequence[bool | BaseException]:
         """Several tasks' ends in one write; which of them were still held."""
-        result = await self.tasks.bulk_write(
-            [UpdateOne(fence, update) for _, fence, update in ends], ordered=False)
+        try:
+            result = await self.tasks.bulk_write(
+                [UpdateOne(fence, update) for _, fence, update in ends], ordered=False)
+        except NOT_THE_DOCUMENTS:
+            raise
+        except Exception:
+            if len(ends) == 1:
+                raise
+            return await one_by_one(ends, self._write_one_finish)
         if result.modified_count == len(ends):
             return [True] * len(ends)
         # Some were no longer held (cancelled, taken over), or this is the
@@ -266,6 +275,10 @@ class TaskQueue:
         return [task.id in docs and docs[task.id].get("claim") == task.claim
                 and docs[task.id].get("status") in (Status.DONE, Status.FAILED)
                 for task, _, _ in ends]
+
+    async def _write_one_finish(self, end: tuple[Task, dict, dict]) -> bool:
+        (held,) = await self._write_finishes([end])  # one alone raises, never returns one
+        return bool(held)
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
                           count_attempt: bool = True, checkpoint: dict[str, Any] | None = None,
