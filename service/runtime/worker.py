@@ -215,11 +215,11 @@ class Worker:
             if rounds % SWEEP_ROUNDS == 0:
                 await self._sweep()
             for task, download in list(self.active.values()):
-                if loop_time() - self._claimed.get(task.id, 0.0) < interval:
-                    # Its lease is fresh from the claim, and it has no
-                    # progress worth a write yet: most small tasks end
-                    # before their first renewal, which would then only
-                    # find them finished.
+                if loop_time() - self._claimed.get(task.id, 0.0) < interval / 2:
+                    # Its lease is fresh from the claim: small tasks end
+                    # within half a second, and their renewal would only
+                    # find them finished. A download of a few seconds
+                    # still shows progress from its first second on.
                     continue
                 try:
                     # A renewal later than this is no use (the lease may be
