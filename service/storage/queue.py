@@ -38,11 +38,15 @@ from service.storage.counters import TaskCounters
 from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
 from service.storage.queue_docs import (
+    appended,
     ended,
     finish_fields,
     held,
     history_entry,
+    if_held,
     literal,
+    merged,
+    pushed,
 )
 from service.storage.queue_scan import WindowedQueueScan
 
@@ -75,7 +79,7 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.scan = WindowedQueueScan(cols.tasks)
-        self._finishes: Batcher[tuple[Task, dict, dict], bool] = Batcher(
+        self._finishes: Batcher[tuple[Task, list[dict]], bool] = Batcher(
             self._write_finishes, END_LINGER)
 
     # -- claiming ---------------------------------------------------------
@@ -193,7 +197,7 @@ class TaskQueue:
             {"_id": task.id, "status": Status.RUNNING, "lease_until": task.lease_until,
              "claim": task.claim},
             {"$set": finish_fields(task, now, Status.FAILED, error=error),
-             "$push": history_entry(task, now, "lease_lost")})
+             "$push": pushed(history_entry(task, now, "lease_lost"))})
 
     # -- while it runs ----------------------------------------------------
 
@@ -249,15 +253,16 @@ class TaskQueue:
             fields["attempt"] = attempt
         if revalidated_from is not None:
             fields.update(revalidated=True, cached_from=revalidated_from)
-        return await self._finishes.submit((task, held(task, worker), {
-            "$set": fields, "$push": history_entry(task, now, str(status), worker, attempt)}))
+        changes = {**merged(fields),
+                   **appended(history_entry(task, now, str(status), worker, attempt))}
+        return await self._finishes.submit((task, if_held(changes, task, worker)))
 
-    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]
+    async def _write_finishes(self, ends: list[tuple[Task, list[dict]]]
                               ) -> Sequence[bool | BaseException]:
         """Several tasks' ends in one write; which of them were still held."""
         try:
             result = await self.tasks.bulk_write(
-                [UpdateOne(fence, update) for _, fence, update in ends], ordered=False)
+                [UpdateOne({"_id": task.id}, update) for task, update in ends], ordered=False)
         except NOT_THE_DOCUMENTS:
             raise
         except Exception:
@@ -270,13 +275,13 @@ class TaskQueue:
         # retry of a write whose answer was lost: an end applied carries
         # its claim and a final status.
         docs = {d["_id"]: d for d in await self.tasks.find(
-            {"_id": {"$in": [task.id for task, _, _ in ends]}},
+            {"_id": {"$in": [task.id for task, _ in ends]}},
             {"status": 1, "claim": 1}).to_list(None)}
         return [task.id in docs and docs[task.id].get("claim") == task.claim
                 and docs[task.id].get("status") in (Status.DONE, Status.FAILED)
-                for task, _, _ in ends]
+                for task, _ in ends]
 
-    async def _write_one_finish(self, end: tuple[Task, dict, dict]) -> bool:
+    async def _write_one_finish(self, end: tuple[Task, list[dict]]) -> bool:
         (held,) = await self._write_finishes([end])  # one alone raises, never returns one
         return bool(held)
 

@@ -1,4 +1,4 @@
-"""The documents of the queue's writes: the filter every write of a
+"""The documents of the queue's writes: the condition every write of a
 running task is conditioned on (its fence), and the fields an attempt's
 end sets, its history entry included."""
 
@@ -10,10 +10,46 @@ from typing import Any
 from service.model.task import HISTORY_LIMIT, NoteStatus, Status, Task, TaskError
 
 
+def _fence(task: Task, worker: str) -> dict[str, Any]:
+    # The task must still hold the claim it took, not merely carry the same
+    # worker name.
+    return {"status": Status.RUNNING, "worker": worker, "claim": task.claim}
+
+
 def held(task: Task, worker: str) -> dict[str, Any]:
-    """The filter of every write of a running task: it must still hold the
-    claim it took, not merely carry the same worker name."""
-    return {"_id": task.id, "status": Status.RUNNING, "worker": worker, "claim": task.claim}
+    """The filter of a write of a running task (the fence)."""
+    return {"_id": task.id, **_fence(task, worker)}
+
+
+def if_held(changes: dict[str, Any], task: Task, worker: str) -> list[dict[str, Any]]:
+    """The same fence inside the update, for a write filtered on ``_id``
+    alone: the pipeline applies ``changes`` (expressions) only if the task
+    is still held, and a write that did not apply modifies nothing.
+
+    Why: SecantusDB plans a filter of several fields by walking every index
+    of the collection several times over, about 1.1 ms of its CPU per write
+    with the tasks' eleven indexes (most of a task's end); a filter on
+    ``_id`` alone is a point lookup. MongoDB runs both forms alike."""
+    test = {"$and": [{"$eq": [f"${key}", {"$literal": value}]}
+                     for key, value in _fence(task, worker).items()]}
+    return [{"$replaceWith": {"$cond": [test, {"$mergeObjects": ["$$ROOT", changes]},
+                                        "$$ROOT"]}}]
+
+
+def merged(fields: dict[str, Any]) -> dict[str, Any]:
+    """``$set``-style fields (dotted paths one level deep) as the values of
+    a ``$mergeObjects`` over the document: literal, sub-documents merged."""
+    out: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in fields.items():
+        parent, dot, child = key.partition(".")
+        if dot:
+            nested.setdefault(parent, {})[child] = {"$literal": value}
+        else:
+            out[key] = {"$literal": value}
+    for parent, children in nested.items():
+        out[parent] = {"$mergeObjects": [f"${parent}", children]}
+    return out
 
 
 def literal(fields: dict[str, Any]) -> dict[str, Any]:
@@ -41,11 +77,22 @@ def ended(outcome: str) -> dict[str, Any]:
 def history_entry(task: Task, now: dt.datetime, outcome: str, worker: str | None = None,
                    attempt: dict[str, Any] | None = None) -> dict[str, Any]:
     attempt = attempt or task.attempt or {}
-    entry = {"worker": worker or task.worker, "claim": task.claim,
-             "started_at": task.claimed_at, "ended_at": now, "outcome": outcome,
-             "resumed_from": attempt.get("resumed_from"),
-             "bytes_fetched": attempt.get("fetched") or 0}
+    return {"worker": worker or task.worker, "claim": task.claim,
+            "started_at": task.claimed_at, "ended_at": now, "outcome": outcome,
+            "resumed_from": attempt.get("resumed_from"),
+            "bytes_fetched": attempt.get("fetched") or 0}
+
+
+def pushed(entry: dict[str, Any]) -> dict[str, Any]:
+    """``$push``: the entry onto the bounded history."""
     return {"history": {"$each": [entry], "$slice": -HISTORY_LIMIT}}
+
+
+def appended(entry: dict[str, Any]) -> dict[str, Any]:
+    """The same in an update pipeline."""
+    return {"history": {"$slice": [{"$concatArrays": [{"$ifNull": ["$history", []]},
+                                                      [{"$literal": entry}]]},
+                                   -HISTORY_LIMIT]}}
 
 
 def finish_fields(task: Task, now: dt.datetime, status: Status,
