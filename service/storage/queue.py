@@ -14,8 +14,9 @@ candidate.
 
 Fencing: every claim, a lease takeover included, sets a fresh ``claim``
 token, and every later write of the running task (renew, finish,
-retry_later) is conditioned on {_id, status running, worker, claim}. A
-worker whose lease was taken over, even one cut off from the database while
+retry_later) is conditioned on {_id, status running, worker, claim}: in
+the filter, or for the finish in the update itself (``queue_docs.if_held``).
+A worker whose lease was taken over, even one cut off from the database while
 it happened, writes nothing when it comes back. Lease ends are set with the
 database's ``$$NOW`` and compared with its clock (storage.dbclock), never
 a worker's own.
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pymongo import ASCENDING, UpdateOne
+from pymongo import UpdateOne
 
 from service.model.digests import ServerDigest
 from service.model.task import Status, Task, TaskError
@@ -46,6 +47,7 @@ from service.storage.queue_docs import (
     if_held,
     literal,
     merged,
+    only_if,
     pushed,
 )
 from service.storage.queue_scan import WindowedQueueScan
@@ -90,9 +92,9 @@ class TaskQueue:
         Queued tasks come first, the lowest lane first and in it the oldest
         window; then running tasks whose worker stopped renewing its lease.
         A task whose workers died ``max_attempts`` times is failed rather
-        than tried forever. New tasks are taken in one conditional
-        ``update_many``: per task it costs a third of an ``update_one``, and
-        it is one round trip instead of many.
+        than tried forever. New tasks are taken in one ``update_many`` on
+        their ids, conditional in its pipeline: per task it costs a third
+        of an ``update_one``, and it is one round trip instead of many.
         """
         taken: list[dict] = []
         for _ in range(_CLAIM_ROUNDS):
@@ -142,13 +144,13 @@ class TaskQueue:
         changes = {"status": str(Status.RUNNING), "worker": worker, "started_at": now,
                    "claim": token, "attempts": 1}
         ids = [c["_id"] for c in cands]
+        runnable = {"$and": [{"$eq": ["$status", Status.QUEUED]}, {"$eq": ["$attempts", 0]},
+                             # A follower's lease_until is null, which an
+                             # expression ranks below any date.
+                             {"$eq": [{"$type": "$lease_until"}, "date"]},
+                             {"$lte": ["$lease_until", now]}]}
         result = await self.tasks.update_many(
-            {"_id": {"$in": ids}, "status": Status.QUEUED, "attempts": 0,
-             "lease_until": {"$lte": now}},
-            [{"$set": {**literal(changes), **self._leased()}}],
-            # By _id: left to itself the planner may walk the claim index,
-            # that is, the whole queue.
-            hint=[("_id", ASCENDING)])
+            {"_id": {"$in": ids}}, only_if(runnable, {**literal(changes), **self._leased()}))
         if result.modified_count == 0:
             return []
         self.counters.count(queued=-result.modified_count)
