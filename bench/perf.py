@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,25 +176,32 @@ class Run:
         return elapsed
 
 
-def latency_sampler(base: str, stop: threading.Event, out: list[float]) -> None:
+def latency_sampler(base: str, stop, out) -> None:
     session = requests.Session()
+    samples = []
     while not stop.is_set():
         t0 = time.perf_counter()
         session.get(base + "/check", params={"id": "not-a-task"}, timeout=10)
-        out.append(time.perf_counter() - t0)
+        samples.append(time.perf_counter() - t0)
         time.sleep(0.005)
+    out.send(samples)
 
 
 def sample_latency(base: str, during) -> list[float]:
-    out: list[float] = []
-    stop = threading.Event()
-    thread = threading.Thread(target=latency_sampler, args=(base, stop, out))
-    thread.start()
+    """/check latencies while ``during()`` runs, measured from a process of
+    their own: in the load generator's process the sampler waited for its
+    sixteen client threads' GIL, and measured that."""
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    receive, send = ctx.Pipe(duplex=False)
+    sampler = ctx.Process(target=latency_sampler, args=(base, stop, send))
+    sampler.start()
     try:
         during()
     finally:
         stop.set()
-        thread.join()
+        out = receive.recv()
+        sampler.join()
     return out
 
 

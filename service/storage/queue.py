@@ -15,7 +15,7 @@ candidate.
 Fencing: every claim, a lease takeover included, sets a fresh ``claim``
 token, and every later write of the running task (renew, finish,
 retry_later) is conditioned on {_id, status running, worker, claim}: in
-the filter, or for the finish in the update itself (``queue_docs.if_held``).
+the filter, or for the finish in the update itself (``queue_docs.held_test``).
 A worker whose lease was taken over, even one cut off from the database while
 it happened, writes nothing when it comes back. Lease ends are set with the
 database's ``$$NOW`` and compared with its clock (storage.dbclock), never
@@ -30,8 +30,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pymongo import UpdateOne
-
 from service.model.digests import ServerDigest
 from service.model.task import Status, Task, TaskError
 from service.storage.batching import END_LINGER, NOT_THE_DOCUMENTS, Batcher, one_by_one
@@ -40,11 +38,12 @@ from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
 from service.storage.queue_docs import (
     appended,
+    each_only_if,
     ended,
     finish_fields,
     held,
+    held_test,
     history_entry,
-    if_held,
     literal,
     merged,
     only_if,
@@ -81,7 +80,7 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.scan = WindowedQueueScan(cols.tasks)
-        self._finishes: Batcher[tuple[Task, list[dict]], bool] = Batcher(
+        self._finishes: Batcher[tuple[Task, dict, dict], bool] = Batcher(
             self._write_finishes, END_LINGER)
 
     # -- claiming ---------------------------------------------------------
@@ -257,14 +256,19 @@ class TaskQueue:
             fields.update(revalidated=True, cached_from=revalidated_from)
         changes = {**merged(fields),
                    **appended(history_entry(task, now, str(status), worker, attempt))}
-        return await self._finishes.submit((task, if_held(changes, task, worker)))
+        return await self._finishes.submit((task, held_test(task, worker), changes))
 
-    async def _write_finishes(self, ends: list[tuple[Task, list[dict]]]
+    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]
                               ) -> Sequence[bool | BaseException]:
         """Several tasks' ends in one write; which of them were still held."""
         try:
-            result = await self.tasks.bulk_write(
-                [UpdateOne({"_id": task.id}, update) for task, update in ends], ordered=False)
+            if len(ends) == 1:
+                ((task, test, changes),) = ends
+                result = await self.tasks.update_one({"_id": task.id}, only_if(test, changes))
+            else:
+                result = await self.tasks.update_many(
+                    {"_id": {"$in": [task.id for task, _, _ in ends]}},
+                    each_only_if([(task.id, test, changes) for task, test, changes in ends]))
         except NOT_THE_DOCUMENTS:
             raise
         except Exception:
@@ -277,13 +281,13 @@ class TaskQueue:
         # retry of a write whose answer was lost: an end applied carries
         # its claim and a final status.
         docs = {d["_id"]: d for d in await self.tasks.find(
-            {"_id": {"$in": [task.id for task, _ in ends]}},
+            {"_id": {"$in": [task.id for task, _, _ in ends]}},
             {"status": 1, "claim": 1}).to_list(None)}
         return [task.id in docs and docs[task.id].get("claim") == task.claim
                 and docs[task.id].get("status") in (Status.DONE, Status.FAILED)
-                for task, _ in ends]
+                for task, _, _ in ends]
 
-    async def _write_one_finish(self, end: tuple[Task, list[dict]]) -> bool:
+    async def _write_one_finish(self, end: tuple[Task, dict, dict]) -> bool:
         (held,) = await self._write_finishes([end])  # one alone raises, never returns one
         return bool(held)
 

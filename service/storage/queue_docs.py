@@ -21,11 +21,11 @@ def held(task: Task, worker: str) -> dict[str, Any]:
     return {"_id": task.id, **_fence(task, worker)}
 
 
-def if_held(changes: dict[str, Any], task: Task, worker: str) -> list[dict[str, Any]]:
-    """The same fence inside the update, for a write filtered on ``_id``
+def held_test(task: Task, worker: str) -> dict[str, Any]:
+    """The same fence as an expression, for a write filtered on ``_id``
     alone (see ``only_if``)."""
-    return only_if({"$and": [{"$eq": [f"${key}", {"$literal": value}]}
-                             for key, value in _fence(task, worker).items()]}, changes)
+    return {"$and": [{"$eq": [f"${key}", {"$literal": value}]}
+                     for key, value in _fence(task, worker).items()]}
 
 
 def only_if(test: dict[str, Any], changes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -41,6 +41,19 @@ def only_if(test: dict[str, Any], changes: dict[str, Any]) -> list[dict[str, Any
     a point lookup. MongoDB runs both forms alike."""
     return [{"$replaceWith": {"$cond": [test, {"$mergeObjects": ["$$ROOT", changes]},
                                         "$$ROOT"]}}]
+
+
+def each_only_if(cases: list[tuple[str, dict[str, Any], dict[str, Any]]]
+                 ) -> list[dict[str, Any]]:
+    """``only_if`` for several documents in one ``update_many`` on their
+    ids: each case is (``_id``, test, changes). One statement is one
+    transaction and one synced commit on SecantusDB, where a ``bulk_write``
+    of as many updates commits each."""
+    return [{"$replaceWith": {"$switch": {
+        "branches": [{"case": {"$and": [{"$eq": ["$_id", {"$literal": doc_id}]}, test]},
+                      "then": {"$mergeObjects": ["$$ROOT", changes]}}
+                     for doc_id, test, changes in cases],
+        "default": "$$ROOT"}}}]
 
 
 def merged(fields: dict[str, Any]) -> dict[str, Any]:
