@@ -29,6 +29,7 @@ from service.fetch.hashing import BLOCK, DEPTH, DigestSink
 from service.fetch.netpolicy import BlockedAddress, InvalidHostName, UnresolvableHost
 from service.live.answers import CheckAnswers
 from service.model.digests import ALGORITHMS, Checksum, ServerDigest
+from service.model.same_file import KnownFile
 from service.model.task import NoteStatus, Notification, Status, Task, TaskError
 from service.model.views import check_view, task_view
 from service.notify.mailer import Mailer, MailError
@@ -376,6 +377,63 @@ def test_ends_written_together_fail_alone(mongo):
             stored = [await store.records.get(t.id) for t in tasks]
             assert [t.status for t in stored] == [Status.DONE, Status.RUNNING, Status.DONE,
                                                   Status.RUNNING]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_ends_written_together_say_which_were_still_held(mongo):
+    """Ends that share one write, one of them taken over by another
+    worker: the others are recorded, that one is not, and each end says
+    which it was."""
+    config = config_mod.load(None, {"LEASE_SECONDS": "30"})
+
+    async def main():
+        store = open_store(config, f"{mongo}/t_held_{uuid.uuid4().hex[:8]}")
+        try:
+            await store.ensure_indexes()
+            for _ in range(3):
+                await store.records.create(Task.new("http://h.test/x", None, False))
+            tasks = await store.queue.claim("W", 3)
+            tasks[1].claim = "someone else's"
+            outcomes = await asyncio.gather(*(
+                store.queue.finish(t, "W", digests={"md5": f"{n}" * 32})
+                for n, t in enumerate(tasks)))
+            assert outcomes == [True, False, True]
+            stored = [await store.records.get(t.id) for t in tasks]
+            assert [t.status for t in stored] == [Status.DONE, Status.RUNNING, Status.DONE]
+            assert stored[2].md5 == "2" * 32 and stored[2].history[-1]["outcome"] == "done"
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_file_records_written_together_keep_the_newest(mongo):
+    """Records of files seen before replace theirs, new ones are added, and
+    of two ends of one file in one write the later wins."""
+    config = config_mod.load(None, {})
+
+    async def main():
+        store = open_store(config, f"{mongo}/t_files_{uuid.uuid4().hex[:8]}")
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+        def record(task: Task, md5: str, etag: str | None = None) -> KnownFile:
+            return KnownFile(task=task.id, at=now, digests={"md5": md5}, etag=etag)
+
+        try:
+            old, new, twice = (Task.new(f"http://h.test/{name}", None, False)
+                               for name in ("old", "new", "twice"))
+            await store.known_files.remember(old, record(old, "1" * 32, etag='"a"'))
+            await asyncio.gather(
+                store.known_files.remember(old, record(old, "2" * 32)),
+                store.known_files.remember(new, record(new, "3" * 32)),
+                store.known_files.remember(twice, record(twice, "4" * 32)),
+                store.known_files.remember(twice, record(twice, "5" * 32)))
+            got = [await store.known_files.get(t.url, t.algorithms) for t in (old, new, twice)]
+            assert [k.digests["md5"] for k in got] == ["2" * 32, "3" * 32, "5" * 32]
+            assert got[0].etag is None  # replaced, not merged with the first
         finally:
             await store.close()
 

@@ -33,20 +33,18 @@ from typing import Any
 from service.model.digests import ServerDigest
 from service.model.task import Status, Task, TaskError
 from service.storage.batching import END_LINGER, NOT_THE_DOCUMENTS, Batcher, one_by_one
+from service.storage.conditional import each_only_if, merged, only_if
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections
 from service.storage.dbclock import DatabaseClock
 from service.storage.queue_docs import (
     appended,
-    each_only_if,
     ended,
     finish_fields,
     held,
     held_test,
     history_entry,
     literal,
-    merged,
-    only_if,
     pushed,
 )
 from service.storage.queue_scan import WindowedQueueScan
