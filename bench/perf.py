@@ -11,13 +11,13 @@ through xargs -P. Every md5 is checked against md5sum of the file.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

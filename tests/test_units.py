@@ -351,6 +351,14 @@ def test_two_claimers_one_task(mongo):
     asyncio.run(main())
 
 
+async def _claimed(store, n: int) -> list[Task]:
+    """``n`` new tasks, claimed by worker W."""
+    await store.ensure_indexes()
+    for _ in range(n):
+        await store.records.create(Task.new("http://h.test/x", None, False))
+    return await store.queue.claim("W", n)
+
+
 def test_ends_written_together_fail_alone(mongo):
     """Ends that share a write: one that cannot be stored (a lone surrogate
     in its message) fails by itself, the others are recorded, and an end
@@ -360,10 +368,7 @@ def test_ends_written_together_fail_alone(mongo):
     async def main():
         store = open_store(config, f"{mongo}/t_ends_{uuid.uuid4().hex[:8]}")
         try:
-            await store.ensure_indexes()
-            for _ in range(4):
-                await store.records.create(Task.new("http://h.test/x", None, False))
-            tasks = await store.queue.claim("W", 4)
+            tasks = await _claimed(store, 4)
             assert len(tasks) == 4
             tasks[3].claim = "someone else's"
             outcomes = await asyncio.gather(
@@ -392,10 +397,7 @@ def test_ends_written_together_say_which_were_still_held(mongo):
     async def main():
         store = open_store(config, f"{mongo}/t_held_{uuid.uuid4().hex[:8]}")
         try:
-            await store.ensure_indexes()
-            for _ in range(3):
-                await store.records.create(Task.new("http://h.test/x", None, False))
-            tasks = await store.queue.claim("W", 3)
+            tasks = await _claimed(store, 3)
             tasks[1].claim = "someone else's"
             outcomes = await asyncio.gather(*(
                 store.queue.finish(t, "W", digests={"md5": f"{n}" * 32})

@@ -260,13 +260,9 @@ class TaskQueue:
                               ) -> Sequence[bool | BaseException]:
         """Several tasks' ends in one write; which of them were still held."""
         try:
-            if len(ends) == 1:
-                ((task, test, changes),) = ends
-                result = await self.tasks.update_one({"_id": task.id}, only_if(test, changes))
-            else:
-                result = await self.tasks.update_many(
-                    {"_id": {"$in": [task.id for task, _, _ in ends]}},
-                    each_only_if([(task.id, test, changes) for task, test, changes in ends]))
+            result = await self.tasks.update_many(
+                {"_id": {"$in": [task.id for task, _, _ in ends]}},
+                each_only_if([(task.id, test, changes) for task, test, changes in ends]))
         except NOT_THE_DOCUMENTS:
             raise
         except Exception:

@@ -43,11 +43,10 @@ def ended(outcome: str) -> dict[str, Any]:
              "bytes_fetched": {"$ifNull": ["$attempt.fetched", 0]}}
     # The attempt's bytes join the task's total, and the next attempt
     # starts its own count.
-    return {"history": {"$slice": [
-        {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}, -HISTORY_LIMIT]},
-        "bytes_fetched": {"$add": [{"$ifNull": ["$bytes_fetched", 0]},
-                                   {"$ifNull": ["$attempt.fetched", 0]}]},
-        "attempt": {"$literal": None}}
+    return {**_appending(entry),
+            "bytes_fetched": {"$add": [{"$ifNull": ["$bytes_fetched", 0]},
+                                       {"$ifNull": ["$attempt.fetched", 0]}]},
+            "attempt": {"$literal": None}}
 
 
 def history_entry(task: Task, now: dt.datetime, outcome: str, worker: str | None = None,
@@ -66,8 +65,12 @@ def pushed(entry: dict[str, Any]) -> dict[str, Any]:
 
 def appended(entry: dict[str, Any]) -> dict[str, Any]:
     """The same in an update pipeline."""
-    return {"history": {"$slice": [{"$concatArrays": [{"$ifNull": ["$history", []]},
-                                                      [{"$literal": entry}]]},
+    return _appending({"$literal": entry})
+
+
+def _appending(entry: dict[str, Any]) -> dict[str, Any]:
+    # An expression: the bounded history with ``entry`` at its end.
+    return {"history": {"$slice": [{"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]},
                                    -HISTORY_LIMIT]}}
 
 
