@@ -92,7 +92,8 @@ def test_tls_with_self_signed_cert_and_auth(make_service, files, tmp_path, mode)
         svc.wait(task_id)
         wait_for(lambda: server.messages, what=f"mail over {mode}")
         assert md5_of(99) in server.messages[0].get_content()
-        assert svc.task(task_id)["notification"]["status"] == "sent"
+        # The server has the mail before the service has written down that it went.
+        wait_for(lambda: svc.task(task_id)["notification"]["status"] == "sent", what="sent status")
     finally:
         server.stop()
 
@@ -159,7 +160,7 @@ def test_server_down_then_up_delivers_once(make_service, files):
         wait_for(lambda: server.messages, timeout=30, what="late mail")
         time.sleep(3)
         assert len(server.messages) == 1
-        assert svc.task(task_id)["notification"]["status"] == "sent"
+        wait_for(lambda: svc.task(task_id)["notification"]["status"] == "sent", what="sent status")
     finally:
         server.stop()
 

@@ -362,11 +362,17 @@ def test_cancel_with_notify_sends_a_mail_and_without_sends_none(make_service, sl
 # -- the command line ---------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    # A shell's background job inherits SIGINT ignored, and Python then
+    # raises no KeyboardInterrupt: the test must not depend on how it was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(svc: Service, url: str, **popen) -> subprocess.Popen:
     env = dict(os.environ, MD5LIGHT_URL=svc.base)
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), "submit", url, "--wait"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            **popen)
+                            preexec_fn=_default_sigint, **popen)
 
 
 def _task_id_from(proc: subprocess.Popen) -> str:
@@ -398,7 +404,9 @@ def test_cli_ctrl_c_on_a_terminal_asks_whether_to_cancel(make_service, slow, ans
         proc.send_signal(signal.SIGINT)
         prompt = b""
         while b"[y/N]" not in prompt:
-            prompt += proc.stderr.read1(1024)
+            chunk = proc.stderr.read1(1024)
+            assert chunk, f"the command ended without asking: {prompt!r}"
+            prompt += chunk
         assert f"Cancel task {task_id}?".encode() in prompt
         os.write(leader, answer)
         _, err = proc.communicate(timeout=20)
