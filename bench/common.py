@@ -28,7 +28,7 @@ class Stack(Service):
         settings.update(env)
         super().__init__(None, self.dir, quick=False, **settings)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -46,6 +46,11 @@ class Stack(Service):
                              capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def database_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-f", f"secantusd-py.*{self.dir}"],
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0])
+
 
 class FileServerProcess:
     """tests/fileserver.py's app in its own process, so serving files does
@@ -57,9 +62,9 @@ class FileServerProcess:
                 "logging.disable(logging.CRITICAL); "
                 "from tornado.httpserver import HTTPServer\n"
                 "async def main():\n"
-                "    HTTPServer(fileserver.make_app()).listen(%d, '127.0.0.1')\n"
+                f"    HTTPServer(fileserver.make_app()).listen({self.port}, '127.0.0.1')\n"
                 "    await asyncio.Event().wait()\n"
-                "asyncio.run(main())") % self.port
+                "asyncio.run(main())")
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -79,7 +84,7 @@ class FileServerProcess:
 
 
 def table(rows: list[tuple], headers: tuple) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=False))  # noqa: E731
     return "\n".join([line(headers), line(tuple("-" * w for w in widths))] +
                      [line(r) for r in rows])

@@ -16,6 +16,10 @@ one run on this machine. Every digest is checked against md5sum.
 
     .venv/bin/python -m bench.compare [--only a,b,c,d,e] [--n 2000] [--profile]
 
+With (a), each system's CPU seconds over its burst (all its processes,
+the load generator, nginx) are printed too: on two shared cores they say
+who spent the time.
+
 --profile records py-spy flame graphs of every md5-light process (API,
 each worker, the embedded database) during one more burst, into
 bench/results/profiles/.
@@ -35,6 +39,7 @@ from pathlib import Path
 from pymongo import MongoClient
 
 from bench.common import ROOT, Stack, table
+from bench.cpu import CpuMeter
 from bench.driver import OPS, Burst, curl_md5sum, make_files, opcounters, per_task
 from bench.history import store
 from bench.perf import Nginx, p99, sample_latency
@@ -115,8 +120,11 @@ def main() -> int:
                 with Yardstick() as yardstick:
                     burst = Burst(yardstick.base, sums)
                     burst(small[:16])  # warm up
-                    celery = burst(small)
+                    with CpuMeter({"Celery stack": yardstick.pids(),
+                                   "nginx": [nginx.proc.pid]}) as meter:
+                        celery = burst(small)
                     celery_waited = burst.unavailable
+                    notes.append(f"(a) CPU seconds in the Celery stack's burst: {meter.summary()}")
                 curl = curl_md5sum(small, 16, sums)
             # One client sends the whole burst: lift the per-client cap above it.
             with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100)) as stack:
@@ -124,8 +132,12 @@ def main() -> int:
                 burst = first = Burst(stack.base, sums)
                 burst(small[:16])  # warm up
                 before = opcounters(db)
-                empty = burst(small)
+                with CpuMeter({"md5-light": [stack.proc.pid],
+                               "of which its database": [stack.database_pid()],
+                               "nginx": [nginx.proc.pid]}) as meter:
+                    empty = burst(small)
                 ops = per_task(before, opcounters(db), args.n)
+                notes.append(f"(a) CPU seconds in md5-light's burst: {meter.summary()}")
                 if celery is not None and curl is not None:
                     report.ratio("a", f"{args.n:,} x 16 KiB burst vs Celery stack", empty,
                                  celery, 0.5)

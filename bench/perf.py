@@ -168,7 +168,7 @@ class Run:
             else:
                 pending.pop(0)
         elapsed = time.monotonic() - t0
-        for task_id, url in zip(ids, urls):
+        for task_id, url in zip(ids, urls, strict=True):
             doc = self.tasks.find_one({"_id": task_id})
             name = url.split("/", 3)[3]
             if doc["status"] != "done" or doc["md5"] != self.expected[name]:
@@ -316,7 +316,7 @@ def main() -> int:
 def fill_history(tasks, n: int) -> None:
     import datetime as dt
     import uuid
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     batch = []
     for i in range(n):
         batch.append({"_id": str(uuid.uuid4()), "url": f"http://history.example/{i}",

@@ -90,7 +90,7 @@ def main() -> int:
                 time.sleep(2)
             total_s = time.monotonic() - t0
             done = failed = lost = wrong = unexpected = 0
-            for task_id, (url, expected) in zip(ids, work):
+            for task_id, (url, expected) in zip(ids, work, strict=True):
                 if task_id is None:
                     continue
                 r = session.get(stack.base + "/check", params={"id": task_id}, timeout=30)
