@@ -11,11 +11,11 @@ from tornado.iostream import StreamClosedError
 from service.intake.admission import client_address
 from service.live.feeds import END_ID, RETRY_MS, Event, Feed, events
 from service.live.watcher import StreamLimit
+from service.model.ids import could_be_ours
 from service.model.views import NOT_FOUND
 
 from .base import JsonHandler
 
-MAX_ID_LENGTH = 100
 RETRY_AFTER_STREAMS = 5
 
 
@@ -30,7 +30,7 @@ class EventsHandler(JsonHandler):
         self.sub: Any = None
 
     async def get(self, key: str) -> None:
-        if len(key) > MAX_ID_LENGTH:
+        if not could_be_ours(key):
             return self.send(404, NOT_FOUND)
         client = client_address(self.request, self.client_ip_header)
         if not self.limit.acquire(client):

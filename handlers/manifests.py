@@ -8,6 +8,7 @@ from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded,
 from service.intake.manifest_parser import ManifestInvalid
 from service.intake.manifests import ManifestIntake
 from service.intake.validation import InvalidInput
+from service.model.ids import could_be_ours
 from service.model.manifest import MAX_LINES
 from service.model.manifest_views import check_lines, check_warnings, manifest_view
 from service.model.views import NOT_FOUND
@@ -102,7 +103,7 @@ class ManifestHandler(JsonHandler):
         if fmt not in ("json", "text"):
             return self.send(400, {"error": "format must be json or text"})
         manifest = await self.db(self.manifests.get(manifest_id)) \
-            if len(manifest_id) <= 100 else None
+            if could_be_ours(manifest_id) else None
         if manifest is None:
             return self.send(404, NOT_FOUND)
         totals = await self.db(self.manifests.totals(manifest))

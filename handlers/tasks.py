@@ -17,6 +17,7 @@ from service.intake.admission import (
 from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
 from service.live.answers import CheckAnswers
+from service.model.ids import could_be_ours
 from service.model.task import Task
 from service.model.views import NOT_FOUND, check_view, task_view
 from service.runtime.metrics import SUBMISSIONS, TASKS_FINISHED
@@ -27,10 +28,6 @@ from service.storage.records import TaskRecords
 from .base import SUBMIT_PATIENCE, JsonHandler
 
 log = logging.getLogger("md5light.api")
-
-# Longer than any id this service hands out: not worth a database read.
-MAX_ID_LENGTH = 100
-
 
 class SubmitHandler(JsonHandler):
     def initialize(self, submissions: Submissions, client_ip_header: str | None) -> None:
@@ -90,7 +87,7 @@ class TaskReader(JsonHandler):
         self.records = records
 
     async def find(self, task_id: str) -> Task | None:
-        if len(task_id) > MAX_ID_LENGTH:
+        if not could_be_ours(task_id):
             return None
         return await self.db(self.records.get(task_id))
 
@@ -136,7 +133,7 @@ class TaskHandler(TaskReader):
         """Cancel: 200 with the cancelled task (again on a repeat), 409 when
         it already ended otherwise, 404 when there is no such task."""
         notify = _flag(self.one(self.arguments(), "notify"))
-        if len(task_id) > MAX_ID_LENGTH:
+        if not could_be_ours(task_id):
             return self.send(404, NOT_FOUND)
         outcome, task = await self.db(self.cancellations.cancel(task_id, notify))
         self.answers.forget(task_id)

@@ -5,6 +5,8 @@ be the ones the stored task gives, and must cost the database nothing."""
 from __future__ import annotations
 
 import json
+import urllib.parse
+import uuid
 
 import pytest
 import requests
@@ -87,3 +89,23 @@ def test_a_cancel_shows_at_once_in_check(service, files):
     assert requests.delete(f"{service.base}/tasks/{task_id}", timeout=30).status_code == 200
     assert service.check(task_id).json() == {"status": "cancelled", "url": files.url(
         "/slow/5000?parts=5&delay=2")}
+
+
+def test_ids_we_never_hand_out_are_answered_without_the_database(service):
+    # Ours are random UUIDs in canonical form; the last is one, uppercased.
+    strangers = ["not-a-task", "x" * 500, "{%s}" % uuid.uuid4(), str(uuid.uuid4()).upper()]
+    admin = database(service).client.admin
+    before = admin.command("serverStatus")["opcounters"]["query"]
+    for _ in range(25):
+        for name in strangers:
+            r = requests.get(service.base + "/check", params={"id": name}, timeout=10)
+            assert (r.status_code, r.json()) == (404, {"status": "not_found"})
+            quoted = urllib.parse.quote(name, safe="")
+            for method, path in (("GET", f"/tasks/{quoted}"), ("DELETE", f"/tasks/{quoted}"),
+                                 ("GET", f"/tasks/{quoted}/events"),
+                                 ("GET", f"/manifests/{quoted}")):
+                r = requests.request(method, service.base + path, timeout=10)
+                assert r.status_code == 404, (method, path, r.status_code)
+    # 500 requests; a read each would be 500 more, the idle workers' own
+    # polls are a few a second.
+    assert admin.command("serverStatus")["opcounters"]["query"] - before < 60

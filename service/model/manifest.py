@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import uuid
 from typing import Any
 
+from service.model.ids import new_id
 from service.model.task import NoteStatus, Notification, utcnow
 
 # Where a line stands, as a manifest counts them.
@@ -28,7 +28,7 @@ class Manifest:
     last_line: int = 0
     email: str | None = None
     client: str | None = None
-    id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = dataclasses.field(default_factory=new_id)
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
     finished_at: dt.datetime | None = None
     # Set once every line has ended, counted from the tasks.

@@ -11,10 +11,10 @@ import dataclasses
 import datetime as dt
 import enum
 import os
-import uuid
 from typing import Any, Protocol
 
 from service.model.digests import ALWAYS, Checksum, ServerDigest
+from service.model.ids import new_id
 from service.model.same_file import KnownFile
 
 
@@ -139,7 +139,7 @@ def utcnow() -> dt.datetime:
 class Task:
     url: str
     email: str | None = None
-    id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = dataclasses.field(default_factory=new_id)
     status: Status = Status.QUEUED
     md5: str | None = None
     # What to compute (md5 always among them) and, once hashed, the results.
