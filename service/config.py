@@ -128,8 +128,8 @@ class Config:
     log_format: str = _field("LOG_FORMAT", "text", str, "text, or json for one JSON object a line",
                              "--log-format")
     task_ttl_days: float | None = _field("TASK_TTL_DAYS", None, float,
-                                         "delete finished tasks after this many days "
-                                         "(unset: keep forever)")
+                                         "delete finished tasks, and files' records, after "
+                                         "this many days (unset: keep forever)")
     metrics_db_interval: float = _field("METRICS_DB_INTERVAL", 15.0, parse_seconds,
                                         "/metrics reads the database at most this often "
                                         "per API process")

@@ -232,12 +232,23 @@ def test_submit_client(service, files):
 
 def test_task_ttl_index(make_service, files, mongo):
     svc = make_service(WORKERS="1", TASK_TTL_DAYS="7")
-    tasks = MongoClient(svc.env["MONGODB_URI"]).get_default_database()["tasks"]
-    info = tasks.index_information()["retention"]
+    db = MongoClient(svc.env["MONGODB_URI"]).get_default_database()
+    info = db.tasks.index_information()["retention"]
     assert info["key"] == [("finished_at", 1)] and info["expireAfterSeconds"] == 7 * 86400
+    # The files' records (max_age) name URLs and tasks: they go as old.
+    info = db.files.index_information()["retention"]
+    assert info["key"] == [("at", 1)] and info["expireAfterSeconds"] == 7 * 86400
     svc.stop()
+    shorter = Service(mongo, svc.log_path.parent, db_name=svc.db_name, WORKERS="1",
+                      TASK_TTL_DAYS="2").start()
+    try:
+        for coll in (db.tasks, db.files):
+            assert coll.index_information()["retention"]["expireAfterSeconds"] == 2 * 86400
+    finally:
+        shorter.stop()
     again = Service(mongo, svc.log_path.parent, db_name=svc.db_name, WORKERS="1").start()
     try:
-        assert "retention" not in tasks.index_information()  # unset: keep forever
+        for coll in (db.tasks, db.files):  # unset: keep forever
+            assert "retention" not in coll.index_information()
     finally:
         again.stop()

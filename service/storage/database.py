@@ -102,13 +102,19 @@ class Collections:
         await self.tasks.create_index(CLAIM_KEY, name="claim")
 
     async def _ensure_retention(self, task_ttl_days: float | None) -> None:
-        """TASK_TTL_DAYS as a TTL index on finished_at: the database deletes
-        finished tasks by itself; unfinished ones (no finished_at) stay."""
+        """TASK_TTL_DAYS as TTL indexes: the database deletes finished tasks
+        by itself (unfinished ones, without finished_at, stay), and the
+        files' records (max_age) as old: a record names a file's URL and the
+        task it came from, and must not outlive the task's retention."""
         wanted = None if task_ttl_days is None else int(task_ttl_days * 86400)
-        existing = (await self.tasks.index_information()).get("retention")
-        if existing is not None and existing.get("expireAfterSeconds") != wanted:
-            await self.tasks.drop_index("retention")
-            existing = None
-        if wanted is not None and existing is None:
-            await self.tasks.create_index("finished_at", name="retention",
-                                          expireAfterSeconds=wanted)
+        await _ensure_ttl(self.tasks, "retention", "finished_at", wanted)
+        await _ensure_ttl(self.files, "retention", "at", wanted)
+
+
+async def _ensure_ttl(coll: AsyncCollection, name: str, field: str, seconds: int | None) -> None:
+    existing = (await coll.index_information()).get(name)
+    if existing is not None and existing.get("expireAfterSeconds") != seconds:
+        await coll.drop_index(name)
+        existing = None
+    if seconds is not None and existing is None:
+        await coll.create_index(field, name=name, expireAfterSeconds=seconds)

@@ -3,7 +3,8 @@
 from, or revalidated against.
 
 One record per finished download, on a collection with no index but
-``_id``, those of concurrent ends in one write; a submit reads it only
+``_id`` (and, with TASK_TTL_DAYS, the TTL index that deletes records as
+old as the tasks it deletes), those of concurrent ends in one write; a submit reads it only
 when it accepts an older result. The newest download of a file replaces
 the one before.
 """
