@@ -96,6 +96,19 @@ class Service:
             self.proc.wait()
             raise
 
+    @staticmethod
+    def stop_all(services: list[Service]) -> None:
+        """Stop every one, even after one fails to stop (which is raised
+        once all are down): a process left running outlives the test run."""
+        failure: BaseException | None = None
+        for svc in services:
+            try:
+                svc.stop()
+            except Exception as exc:  # noqa: BLE001
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
     # -- API helpers ----------------------------------------------------
 
     def submit(self, url: str, email: str | None = None, **kwargs) -> str:

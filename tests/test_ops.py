@@ -205,8 +205,7 @@ def test_scale_out_two_apis_three_workers(mongo, logs, files):
         used = {d["worker"] for d in tasks.find({}, {"worker": 1})}
         assert len(used) == 3  # every worker process took part
     finally:
-        for svc in apis + workers:
-            svc.stop()
+        Service.stop_all(apis + workers)
 
 
 def test_submit_client(service, files):

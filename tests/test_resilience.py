@@ -229,3 +229,52 @@ def test_database_outage_under_load(tmp_path, logs, files):
     finally:
         svc.stop()
         db.stop()
+
+
+def test_a_worker_stops_even_when_its_database_froze(tmp_path, logs, files):
+    """SIGTERM to a worker whose database stopped answering (SIGSTOP: its
+    writes hang rather than fail). Past its drain and grace it writes its
+    threads' stacks to its log and exits; once the database answers again,
+    another worker finishes the task."""
+    from servicectl import Service
+
+    from service.runtime.embedded_db import EmbeddedDatabase
+    from service.runtime.worker_process import STOP_GRACE
+
+    db = EmbeddedDatabase(str(tmp_path / "db"))
+    db.start()
+    base = f"mongodb://127.0.0.1:{db.port}"
+    api = Service(base, logs, role="api", db_name="frozen")
+    first = Service(base, logs, role="worker", db_name="frozen", DRAIN_SECONDS="1")
+    second = Service(base, logs, role="worker", db_name="frozen")
+    frozen = False
+    try:
+        first.start(wait=False)
+        api.start()  # healthy once a worker reports in
+        task_id = api.submit(files.url("/slow/200000?parts=40&delay=0.25&seed=5"))
+        deadline = time.monotonic() + 30
+        while api.task(task_id)["status"] != "running":
+            assert time.monotonic() < deadline, "the worker did not take the task"
+            time.sleep(0.1)
+        os.kill(db.process.pid, signal.SIGSTOP)
+        frozen = True
+        t0 = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=1 + STOP_GRACE + 15)
+        took = time.monotonic() - t0
+        if first.proc.returncode != 0:  # the limit ended it: say what held it
+            assert took >= 1 + STOP_GRACE - 1, took
+            assert "most recent call first" in first.log()
+        os.kill(db.process.pid, signal.SIGCONT)
+        frozen = False
+        second.start(wait=False)
+        r = api.wait(task_id, timeout=90)
+        assert r.status_code == 200 and r.json()["md5"] == md5_of(200000, 5)
+    finally:
+        if frozen:
+            os.kill(db.process.pid, signal.SIGCONT)
+        for svc in (api, first, second):
+            if svc.proc is not None and svc.proc.poll() is None:
+                svc.proc.kill()
+                svc.proc.wait()
+        db.stop()

@@ -23,6 +23,7 @@ from service.config import Config, to_environ
 from service.runtime.procutil import die_with_parent
 from service.runtime.results_pipe import ENV as RESULTS_ENV
 from service.runtime.results_pipe import OnResult, ResultsReader
+from service.runtime.worker_process import STOP_GRACE
 
 log = logging.getLogger("md5light.pool")
 
@@ -133,7 +134,8 @@ class WorkerPool:
         running = [s.process for s in self.slots if s.process and s.process.poll() is None]
         for proc in running:
             proc.terminate()
-        deadline = time.monotonic() + self.config.drain_seconds + 15
+        # A second past the workers' own limit (worker_process.STOP_GRACE).
+        deadline = time.monotonic() + self.config.drain_seconds + STOP_GRACE + 1
         while any(p.poll() is None for p in running) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for proc in running:

@@ -5,9 +5,11 @@ store."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 from service.config import Config
 from service.runtime.results_pipe import ResultsPipe
@@ -17,6 +19,11 @@ from service.storage.store import open_store
 log = logging.getLogger("md5light.worker")
 
 WORKER_NICENESS = 10
+
+# How long after the drain a stopping worker may take for its last writes.
+# The pool kills a worker still there a second later; the worker goes
+# first, so that what held it is in its log.
+STOP_GRACE = 14.0
 
 
 async def main(config: Config) -> None:
@@ -32,16 +39,24 @@ async def main(config: Config) -> None:
     results = ResultsPipe.from_environ()
     worker = Worker(config, store, announce=results.send if results else None)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        # A worker told to stop must stop, whatever it waits on: past the
+        # limit it writes every thread's stack to its log and exits. Its
+        # unfinished tasks' leases run out and other workers take them.
+        faulthandler.dump_traceback_later(config.drain_seconds + STOP_GRACE, exit=True)
+        worker.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    _watch_wake_pipe(worker)
+        loop.add_signal_handler(sig, stop)
+    _watch_wake_pipe(worker, stop)
     try:
         await worker.run()
     finally:
         await store.close()
 
 
-def _watch_wake_pipe(worker: Worker) -> None:
+def _watch_wake_pipe(worker: Worker, stop: Callable[[], None]) -> None:
     """The 'all' role wakes its workers through a pipe after each submit.
     End of file means the parent died: drain and exit rather than linger."""
     fd_text = os.environ.get("MD5LIGHT_WAKE_FD")
@@ -59,7 +74,7 @@ def _watch_wake_pipe(worker: Worker) -> None:
         if not data:
             loop.remove_reader(fd)
             log.warning("parent process gone; worker %s stopping", worker.name)
-            worker.stop()
+            stop()
             return
         worker.wake.set()
 
