@@ -44,7 +44,9 @@ async def main(config: Config) -> None:
         # A worker told to stop must stop, whatever it waits on: past the
         # limit it writes every thread's stack to its log and exits. Its
         # unfinished tasks' leases run out and other workers take them.
-        faulthandler.dump_traceback_later(config.drain_seconds + STOP_GRACE, exit=True)
+        # Armed once: a second signal must not push the limit back.
+        if not worker.stopping.is_set():
+            faulthandler.dump_traceback_later(config.drain_seconds + STOP_GRACE, exit=True)
         worker.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
