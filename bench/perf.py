@@ -319,7 +319,6 @@ def main() -> int:
 
 def fill_history(tasks, n: int) -> None:
     import datetime as dt
-    import uuid
     now = dt.datetime.now(dt.UTC)
     batch = []
     for i in range(n):

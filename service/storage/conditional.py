@@ -3,7 +3,7 @@
 SecantusDB (the embedded default) plans a filter of several fields by
 walking every index of the collection several times over, and may pick a
 compound index on ``status`` and read every queued task: with the tasks'
-eleven indexes that was most of the database's CPU for a task's claim and
+ten indexes that was most of the database's CPU for a task's claim and
 end. A filter on ``_id`` alone is a point lookup. So the hot writes filter
 on ``_id`` and carry their condition in an update pipeline: a document
 whose condition fails is replaced by itself, which modifies nothing, and
