@@ -7,6 +7,7 @@ import urllib.parse
 
 from tornado import web
 
+from service.model.numbers import whole_number
 from service.model.task import Status
 from service.model.views import task_view
 from service.storage.history import PAGE_DEFAULT, PAGE_MAX, BadCursor, Cursor, TaskHistory
@@ -48,9 +49,10 @@ def _limit(value: str | None) -> int:
     if value is None:
         return PAGE_DEFAULT
     text = value.strip()
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= PAGE_MAX:
+    number = whole_number(text)
+    if number is None or not 1 <= number <= PAGE_MAX:
         raise _bad(f"limit must be a whole number from 1 to {PAGE_MAX}")
-    return int(text)
+    return number
 
 
 def _status(value: str | None) -> Status | None:

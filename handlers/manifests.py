@@ -11,6 +11,7 @@ from service.intake.validation import InvalidInput
 from service.model.ids import could_be_ours
 from service.model.manifest import MAX_LINES
 from service.model.manifest_views import check_lines, check_warnings, manifest_view
+from service.model.numbers import whole_number
 from service.model.views import NOT_FOUND
 from service.storage.manifests import ManifestRecords
 
@@ -127,7 +128,8 @@ class ManifestHandler(JsonHandler):
         text = self.one(args, name)
         if text is None:
             return default
-        if not text.isdigit() or not low <= int(text) <= high:
+        number = whole_number(text)
+        if number is None or not low <= number <= high:
             raise web.HTTPError(400, log_message=f"{name} must be a whole number from "
                                                  f"{low} to {high}")
-        return int(text)
+        return number

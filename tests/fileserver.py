@@ -389,7 +389,9 @@ class RangeHandler(_Base):
 
     ?validator=etag (strong, the default) | weak | lastmod | none;
     ?mode=ranges (the default) | ignore (200 to a Range) | 416 | elsewhere
-    (a 206 from another offset); ?cut=N: the first ``cuts`` (1) answers
+    (a 206 from another offset) | noifrange (a Range is honoured whatever
+    If-Range says: a 206 of the current version, under its own validator)
+    | bare206 (206s carry no validator); ?cut=N: the first ``cuts`` (1) answers
     hang up after N body bytes; ?change=N: from the N+1-th request on the
     file is another one (other bytes, other validator); ?delay=: seconds
     between 256 KiB pieces."""
@@ -410,17 +412,21 @@ class RangeHandler(_Base):
         if self.get_argument("repr", None):  # the whole file's, on a 206 too
             digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
             self.set_header("Repr-Digest", f"sha-256=:{digest}:")
-        start = self._start(record["range"], record["if_range"], current, n)
         mode = self.get_argument("mode", "ranges")
+        if_range = None if mode == "noifrange" else record["if_range"]
+        start = self._start(record["range"], if_range, current, n)
         if start is not None and mode == "416":
             record["status"] = 416
             self.set_status(416)
             self.set_header("Content-Range", f"bytes */{n}")
             self.finish()
             return
-        if start is not None and mode in ("ranges", "elsewhere"):
+        if start is not None and mode in ("ranges", "elsewhere", "noifrange", "bare206"):
             if mode == "elsewhere":
                 start = max(0, start - 1000)
+            if mode == "bare206":
+                for name in current:
+                    self.clear_header(name)
             record["status"] = 206
             self.set_status(206)
             self.set_header("Content-Range", f"bytes {start}-{n - 1}/{n}")

@@ -98,6 +98,30 @@ def test_file_changed_between_attempts_gives_the_new_files_digest(svc, files):
     assert svc.check(task_id).json()["md5"] == md5_of(SIZE, 12)
 
 
+@pytest.mark.parametrize("validator", ["etag", "lastmod"])
+def test_206_of_another_version_starts_over(svc, files, validator):
+    # The server ignores If-Range: the resume's 206 has the right
+    # Content-Range but the next version's validator and bytes. Parts are
+    # combined only under one strong validator (RFC 9110 15.3.7.3): the
+    # attempt starts over and the digest is version 1's, whole.
+    task_id, key, seen = fetch(svc, files, f"cut={CUT}&change=1&mode=noifrange"
+                               f"&validator={validator}")
+    assert [r["status"] for r in seen] == [200, 206, 200], seen
+    assert seen[2]["range"] is None and seen[2]["if_range"] is None
+    assert svc.check(task_id).json()["md5"] == md5_of(SIZE, 12)
+    task = svc.task(task_id)
+    assert "another version of the file" in task["resume_note"], task
+    assert task["resumed_from"] is None
+
+
+def test_206_without_a_validator_starts_over(svc, files):
+    # No validator on the 206 is no proof of the same version.
+    task_id, key, seen = fetch(svc, files, f"cut={CUT}&mode=bare206")
+    assert [r["status"] for r in seen] == [200, 206, 200], seen
+    assert svc.check(task_id).json()["md5"] == md5_of(SIZE, 11)
+    assert "no ETag" in svc.task(task_id)["resume_note"]
+
+
 def test_content_range_elsewhere_starts_over(svc, files):
     task_id, key, seen = fetch(svc, files, f"cut={CUT}&mode=elsewhere")
     assert [r["status"] for r in seen] == [200, 206, 200]

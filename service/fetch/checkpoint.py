@@ -33,7 +33,7 @@ LIBRARY = f"rehashes {importlib.metadata.version('rehashes')}"
 _CLASSES: dict[str, Any] = {"md5": rehashes.PyMd5, "sha1": rehashes.PySha1,
                             "sha256": rehashes.PySha256, "sha512": rehashes.PySha512}
 RESUMABLE_ALGORITHMS = tuple(_CLASSES)
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
 class ResumableHash:
@@ -98,6 +98,22 @@ class Checkpoint:
         if self.claim is None or self.claim_header is None:
             return None
         return Claim(self.claim, self.claim_header)
+
+    def other_version(self, headers: HTTPHeaders) -> str | None:
+        """Why a 206 cannot continue this checkpoint although its range
+        fits: RFC 9110 (13.1.5, 15.3.7.3) lets parts be combined only under
+        the same strong validator, so the answer must name the version the
+        checkpoint was made from (None: it does). A missing validator is
+        no proof of the same version either."""
+        if self.validator.startswith('"'):
+            header, theirs = "ETag", headers.get("ETag", "").strip()
+        else:
+            header, theirs = "Last-Modified", headers.get("Last-Modified", "").strip()
+        if theirs == self.validator:
+            return None
+        said = f"{header} {theirs}" if theirs else f"no {header}"
+        return (f"the server answered the resume with {said}, not {self.validator}: "
+                "another version of the file, so the download started over from byte 0")
 
     def continues(self, status: int, headers: HTTPHeaders) -> bool:
         """Whether this response continues the checkpoint: a 206 for the

@@ -12,6 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 from service.config import Config
 from service.fetch import tornado_hooks as hooks
 from service.fetch.netpolicy import AddressPolicy, FilteringResolver, parse_overrides
+from service.model.numbers import whole_number
 
 MAX_HEADER_SIZE = 64 * 1024
 
@@ -39,8 +40,9 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = whole_number(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

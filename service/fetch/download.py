@@ -43,6 +43,7 @@ from service.fetch.hashing import DigestSink
 from service.fetch.resume import Answer, Resumer
 from service.fetch.server_claims import Claim
 from service.model.digests import ALWAYS, ServerDigest
+from service.model.numbers import whole_number
 from service.model.same_file import KnownFile
 
 USER_AGENT = "md5-light/1.0 (+https://github.com/md5-light)"
@@ -205,13 +206,12 @@ class Download:
             self.abort(FetchError("http_status", message, transient,
                                   retry_after_seconds(self._headers.get("Retry-After"))))
             return
-        length = self._headers.get("Content-Length")
-        if length is not None and length.strip().isdigit():
-            total = int(length.strip())
-            if total > self.config.max_file_size:
+        length = whole_number(self._headers.get("Content-Length", "").strip())
+        if length is not None:
+            if length > self.config.max_file_size:
                 self.abort(self._too_large())
                 return
-            self.bytes_total = total
+            self.bytes_total = length
         self.claim = server_claims.pick(server_claims.claims(self._headers),
                                         self.sink.algorithms)
         if self.claim is not None:

@@ -5,7 +5,10 @@ The rules (docs/design.md, "Checkpoints and resuming"):
 
 - A checkpoint that fits the task is offered with Range and If-Range.
 - A 206 whose Content-Range starts at its offset, for the same total,
-  continues the saved hash states.
+  under the checkpoint's validator (same strong ETag, or same
+  Last-Modified), continues the saved hash states. A 206 with another
+  validator or none is another version's bytes (a server that ignores
+  If-Range): the attempt starts over, and ``note`` says why.
 - A 200 means the file changed (If-Range failed) or ranges are ignored:
   the body is hashed from byte 0 with fresh hashers, in the same request.
 - A 416, or a 206 for any other range, cannot be used: the attempt starts
@@ -26,6 +29,7 @@ from service.fetch import server_claims
 from service.fetch.checkpoint import Checkpoint, validator, why_not
 from service.fetch.hashing import DigestSink
 from service.fetch.server_claims import Claim
+from service.model.numbers import whole_number
 
 
 class Answer(enum.Enum):
@@ -45,6 +49,8 @@ class Resumer:
         self.resumed_from: int | None = None
         # Why this download is not checkpointed (None: it is, or not known yet).
         self.note: str | None = None
+        # Why a checkpoint offered in this attempt was not continued.
+        self.started_over: str | None = None
         self._validator: str | None = None
         self._claim: Claim | None = None
         self._total: int | None = None
@@ -57,21 +63,32 @@ class Resumer:
         if offered is None:
             return Answer.FRESH if 200 <= status < 300 else Answer.OTHER
         if offered.continues(status, headers):
-            length = headers.get("Content-Length", "").strip()
-            if length.isdigit() and int(length) != offered.total - offered.offset:
-                return self._start_over()
+            other = offered.other_version(headers)
+            if other is not None:
+                return self._start_over(other)
+            length = whole_number(headers.get("Content-Length", "").strip())
+            if length is not None and length != offered.total - offered.offset:
+                return self._start_over(
+                    f"the server's answer to the resume announced {length} bytes, not "
+                    f"{offered.total - offered.offset}; the download started over from byte 0")
             return Answer.CONTINUE
         if status == 416 or status == 206:
-            return self._start_over()
+            return self._start_over(
+                f"the server answered the resume with {status} "
+                f"{headers.get('Content-Range', '')}, not the rest of the file from "
+                f"byte {offered.offset}; the download started over from byte 0")
         if 200 <= status < 300:
             # The file changed since the checkpoint, or ranges are not
             # supported: the old states must not be mixed with this body.
             self.offered = self.saved = None
+            self.started_over = ("the server sent the whole file to the resume (it changed, "
+                                 "or ignores ranges); hashed from byte 0")
             return Answer.FRESH
         return Answer.OTHER
 
-    def _start_over(self) -> Answer:
+    def _start_over(self, why: str) -> Answer:
         self.offered = self.saved = None
+        self.started_over = why
         return Answer.START_OVER
 
     def continue_into(self, sink: DigestSink,
@@ -123,4 +140,6 @@ class Resumer:
 
     def progress(self, fetched: int) -> dict[str, Any]:
         """This attempt, as /tasks/<id> shows it."""
-        return {"resumed_from": self.resumed_from, "fetched": fetched, "note": self.note}
+        notes = [n for n in (self.started_over, self.note) if n]
+        return {"resumed_from": self.resumed_from, "fetched": fetched,
+                "note": "; ".join(notes) or None}

@@ -35,6 +35,8 @@ from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.simple_httpclient import HTTPStreamClosedError, SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
 
+from service.model.numbers import whole_number
+
 READ_CHUNK = 512 * 1024
 SOCKET_READ = 256 * 1024
 # curl skips a chunk extension of any length; a bound still stops one
@@ -185,7 +187,7 @@ def framing_problem(headers: httputil.HTTPHeaders) -> str | None:
         return f"it sent conflicting Content-Length values ({', '.join(sorted(values))})"
     if values:
         value = values.pop()
-        if not value.isdigit() or not value.isascii():
+        if whole_number(value, max_digits=len(value)) is None:
             return f"its Content-Length is not a whole number ({value[:40]!r})"
     if encodings:
         codings = [c.strip().lower() for item in encodings for c in item.split(",")]

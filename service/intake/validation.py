@@ -9,6 +9,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from service.fetch.netpolicy import AddressPolicy, parse_ip_literal
 from service.model.digests import Checksum, DigestSpecError, parse_algorithms, parse_expected
+from service.model.numbers import whole_number
 
 MAX_URL_LENGTH = 2048
 MAX_EMAIL_LENGTH = 254
@@ -99,7 +100,7 @@ def check_max_age(value: str | None) -> int:
     default, downloads again."""
     if value is None or value == "":
         return 0
-    if not value.isascii() or not value.isdigit():
+    if whole_number(value) is None:
         raise InvalidInput(f"max_age must be a whole number of seconds, like 3600 "
                            f"(got {value[:40]!r})")
     seconds = int(value)

@@ -27,6 +27,7 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
+from service.model.numbers import whole_number
 from service.model.task import Status, Task, utcnow
 
 PAGE_MAX = 1000
@@ -67,7 +68,7 @@ class Cursor:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
             ms_text, task_id = raw.split(".", 1)
-            if not ms_text.isdigit() or not 0 < len(task_id) <= 100 \
+            if whole_number(ms_text) is None or not 0 < len(task_id) <= 100 \
                     or not task_id.isprintable():
                 raise ValueError(raw)
             created_at = _UNIX + dt.timedelta(milliseconds=int(ms_text))
