@@ -5,7 +5,7 @@ from __future__ import annotations
 from tornado import httputil, web
 
 from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded, client_address
-from service.intake.manifest_parser import ManifestInvalid
+from service.intake.manifest_parser import MAX_TEXT_LINES, ManifestInvalid
 from service.intake.manifests import ManifestIntake
 from service.intake.validation import InvalidInput
 from service.model.ids import could_be_ours
@@ -34,6 +34,28 @@ class ManifestsHandler(JsonHandler):
     def initialize(self, intake: ManifestIntake, client_ip_header: str | None) -> None:
         self.intake = intake
         self.client_ip_header = client_ip_header
+        self._lines_seen = 0
+        kind = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        # A text body's line limit holds while it arrives (JSON may be
+        # pretty-printed, and a form's file is judged once it is parsed).
+        self._counts_lines = kind not in ("application/json", "multipart/form-data")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._counts_lines and not self._too_big:
+            self._lines_seen += chunk.count(b"\n")
+            if self._lines_seen > MAX_TEXT_LINES:
+                # The rest is dropped unread, as an oversized body's is.
+                self._too_big = True
+                self._body = bytearray()
+                return
+        super().data_received(chunk)
+
+    def _refuse_oversized(self) -> None:
+        if self._lines_seen > MAX_TEXT_LINES:
+            raise web.HTTPError(400, log_message=(
+                f"the manifest has more than {MAX_TEXT_LINES} lines; the limit is "
+                f"{MAX_LINES} checksum lines"))
+        raise web.HTTPError(413, reason="Payload Too Large")
 
     async def post(self) -> None:
         args = self.arguments_from_query()
@@ -69,7 +91,7 @@ class ManifestsHandler(JsonHandler):
 
     def _manifest_body(self) -> tuple[bytes, bool]:
         if self._too_big:
-            raise web.HTTPError(413, reason="Payload Too Large")
+            self._refuse_oversized()
         if self.body:
             self._check_content_encoding()
         ctype = self.request.headers.get("Content-Type", "")

@@ -4,16 +4,25 @@ b2sum) prints, with URLs where it prints file names, or a JSON list.
 Text lines are ``<hex>  <url>`` (``<hex> *<url>`` in binary mode) or the
 BSD form ``--tag`` prints, ``SHA256 (<url>) = <hex>``; blank lines and
 ``#`` comments are skipped but counted, so line numbers are the ones an
-editor shows. The algorithm comes from ``algorithm=``, else from the
+editor shows: lines end at ``\n`` only (a ``\r`` before it is dropped, a
+UTF-8 BOM before the first is skipped), never at the other characters
+``str.splitlines`` breaks on (U+0085, U+2028, form feed...), which may sit
+inside a URL. The algorithm comes from ``algorithm=``, else from the
 digest's length. JSON is a list of ``{"url": ..., "expected": ...}``,
 ``expected`` in any form ``/submit`` takes, or bare hex.
 
-Every line is checked before anything is stored: one bad line refuses
-the manifest, with every bad line named.
+The cost of a manifest is bounded before any work per line: a body is
+refused when it holds more than MAX_TEXT_LINES lines, or (JSON) more than
+MAX_JSON_VALUES values, counted in C over the bytes (``bytes.count``, one
+regular expression); only then are lines split and checked, a slice at a
+time with the IOLoop free in between. Every line is checked before
+anything is stored: one bad line refuses the manifest, the first
+MAX_ERRORS_SHOWN bad lines named and the rest counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -33,8 +42,17 @@ from service.model.manifest import MAX_LINES
 
 _GNU = re.compile(r"^\\?([0-9a-fA-F]+) [ *](.+)$")
 _BSD = re.compile(r"^([A-Za-z0-9-]+) \((.+)\) = ([0-9a-fA-F]+)$")
+# Blank and comment lines are numbered too, but not without end.
+MAX_TEXT_LINES = 2 * MAX_LINES
+# A JSON entry is an object of two members, four strings. Strings and
+# containers are bounded by their quotes and brackets before parsing,
+# numbers while parsing: json.loads then builds a bounded number of objects.
+MAX_JSON_VALUES = 8 * MAX_LINES
 # Shown in a 400: enough to fix a file, not a second copy of it.
-MAX_ERRORS_SHOWN = 1000
+MAX_ERRORS_SHOWN = 20
+# Lines checked between two returns to the IOLoop (about 5 ms of work).
+SLICE = 250
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,42 +68,66 @@ class ManifestInvalid(Exception):
         self.errors = errors or []
 
 
-def parse(body: bytes, json_body: bool, algorithm: str | None,
-          policy: AddressPolicy) -> list[Line]:
-    """The manifest's lines, or ManifestInvalid."""
+def text_lines(data: bytes | bytearray) -> int:
+    """How many lines a text body holds, as an editor numbers them."""
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+async def parse(body: bytes, json_body: bool, algorithm: str | None,
+                policy: AddressPolicy) -> list[Line]:
+    """The manifest's lines, or ManifestInvalid. A coroutine: it returns to
+    the IOLoop every SLICE lines, so a 10,000-line manifest does not hold
+    up other requests."""
     fixed = None
     if algorithm:
         fixed = canonical(algorithm)
         if fixed is None:
             raise ManifestInvalid(f"unknown algorithm {algorithm[:40]!r}")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestInvalid("the manifest is not valid UTF-8") from None
-    entries = _json_entries(text) if json_body else _text_entries(text)
+    entries = _json_entries(body) if json_body else _text_entries(body)
+    if len(entries) > MAX_LINES:
+        raise ManifestInvalid(f"the manifest has {len(entries)} lines; the limit is {MAX_LINES}")
     lines, errors = [], []
-    for number, url, checksum in entries:
+    for i, (number, url, checksum) in enumerate(entries):
+        if i and i % SLICE == 0:
+            await asyncio.sleep(0)
         try:
             expected = _checksum(checksum, fixed)  # first: says why a line is unreadable
             lines.append(Line(number, check_url(url, policy), expected))
         except (InvalidInput, DigestSpecError) as exc:
             errors.append((number, str(exc)))
     if errors:
-        raise ManifestInvalid(f"{len(errors)} of {len(entries)} lines are not valid; "
-                              "nothing was accepted", errors[:MAX_ERRORS_SHOWN])
+        raise ManifestInvalid(_refused(len(errors), len(entries)), errors[:MAX_ERRORS_SHOWN])
     if not lines:
         raise ManifestInvalid("the manifest has no lines")
-    if len(lines) > MAX_LINES:
-        raise ManifestInvalid(f"the manifest has {len(lines)} lines; the limit is {MAX_LINES}")
     return lines
 
 
-def _text_entries(text: str) -> list[tuple[int, Any, Any]]:
+def _refused(bad: int, total: int) -> str:
+    message = f"{bad:,} of {total:,} lines are not valid; nothing was accepted"
+    if bad > MAX_ERRORS_SHOWN:
+        more = bad - MAX_ERRORS_SHOWN
+        message += f" (the first {MAX_ERRORS_SHOWN} are listed, and {more:,} more)"
+    return message
+
+
+def _text_entries(body: bytes) -> list[tuple[int, Any, Any]]:
+    count = text_lines(body)
+    if count > MAX_TEXT_LINES:
+        raise ManifestInvalid(f"the manifest has {count:,} lines; the limit is {MAX_LINES} "
+                              f"checksum lines and {MAX_TEXT_LINES} lines in all")
+    if body.startswith(_BOM):
+        body = body[len(_BOM):]
     entries: list[tuple[int, Any, Any]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    for number, raw in enumerate(body.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r").strip(" \t")
+        except UnicodeDecodeError:
+            raise ManifestInvalid(f"the manifest is not valid UTF-8 (line {number})") from None
         if not line or line.startswith("#"):
             continue
+        if len(entries) == MAX_LINES:
+            entries.append((number, None, None))  # one over: enough to refuse
+            break
         bsd = _BSD.match(line)
         gnu = _GNU.match(line)
         if bsd:
@@ -94,16 +136,39 @@ def _text_entries(text: str) -> list[tuple[int, Any, Any]]:
             entries.append((number, gnu.group(2), (None, gnu.group(1))))
         else:
             entries.append((number, None, _Unreadable()))
+    if len(entries) > MAX_LINES:
+        raise ManifestInvalid(f"the manifest has more than {MAX_LINES} checksum lines; "
+                              f"the limit is {MAX_LINES}")
     return entries
 
 
-def _json_entries(text: str) -> list[tuple[int, Any, Any]]:
+def _json_entries(body: bytes) -> list[tuple[int, Any, Any]]:
+    too_many = ManifestInvalid(f"the JSON manifest has more than {MAX_JSON_VALUES:,} values; "
+                               f"it may list at most {MAX_LINES} files")
+    # Upper bounds: a quote inside a string (escaped) or a bracket in a URL
+    # only makes the count larger.
+    if body.count(b'"') // 2 + body.count(b"[") + body.count(b"{") > MAX_JSON_VALUES:
+        raise too_many
+    counted = 0
+
+    def scalar(text: str) -> str:
+        nonlocal counted
+        counted += 1
+        if counted > MAX_JSON_VALUES:
+            raise too_many
+        return text  # never a checksum: the entry says why
+
     try:
-        data = json.loads(text)
+        data = json.loads(body.decode("utf-8-sig"), parse_int=scalar, parse_float=scalar,
+                          parse_constant=scalar)
+    except UnicodeDecodeError:
+        raise ManifestInvalid("the manifest is not valid UTF-8") from None
     except (ValueError, RecursionError):
         raise ManifestInvalid("the manifest is not valid JSON") from None
     if not isinstance(data, list):
         raise ManifestInvalid('a JSON manifest is a list: [{"url": ..., "expected": ...}]')
+    if len(data) > MAX_LINES:
+        raise ManifestInvalid(f"the manifest has {len(data)} lines; the limit is {MAX_LINES}")
     entries: list[tuple[int, Any, Any]] = []
     for number, item in enumerate(data, start=1):
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):

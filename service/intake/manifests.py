@@ -4,11 +4,12 @@ wake the workers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
-from service.intake.manifest_parser import parse
+from service.intake.manifest_parser import SLICE, parse
 from service.intake.validation import check_digests, check_email
 from service.model.manifest import Manifest
 from service.model.task import Task
@@ -28,12 +29,14 @@ class ManifestIntake:
                      email: str | None, algorithms: list[str], client: str) -> Manifest:
         """Raises ManifestInvalid, InvalidInput, QuotaExceeded or QueueFull
         to refuse the manifest, or the database's error."""
-        lines = parse(body, json_body, algorithm, self.policy)
+        lines = await parse(body, json_body, algorithm, self.policy)
         extra, _ = check_digests(algorithms, None)
         manifest = Manifest.new(len(lines), lines[-1].number, check_email(email),
                                 self.mail_enabled, client)
         tasks = []
-        for line in lines:
+        for i, line in enumerate(lines):
+            if i and i % SLICE == 0:
+                await asyncio.sleep(0)  # 10,000 tasks are made in slices too
             wanted, _ = check_digests(extra + [line.expected.algorithm], None)
             task = Task.new(line.url, None, False, client=client, algorithms=wanted,
                             expected=line.expected)

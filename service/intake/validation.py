@@ -3,6 +3,7 @@ the user can act on; the handler turns it into a 400."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 from email_validator import EmailNotValidError, validate_email
@@ -17,12 +18,17 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_EXPECTED_LENGTH = 300
 
 
+# One C-level scan: a per-character Python loop cost a millisecond per long
+# URL, ten seconds of IOLoop for a maximal manifest.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class InvalidInput(ValueError):
     pass
 
 
 def _no_controls(name: str, value: str) -> None:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise InvalidInput(f"{name} must not contain control characters (NUL, CR, LF, tab...)")
     try:
         value.encode("utf-8")
