@@ -9,6 +9,7 @@ Roles:
   worker  only a worker process (needs MONGODB_URI)
   submit  a client: run.py submit URL [--email E] [--sha256] [--expect C] [--wait] (-h)
   check   sha256sum -c for URLs: run.py check SHA256SUMS (see run.py check -h)
+  keys    API keys: run.py keys create NAME [--operator] | list | revoke ID
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         from service.cli import check
         return check.main(argv[1:])
+    if argv[:1] == ["keys"]:
+        from service.cli import keys
+        return keys.main(argv[1:])
     args = parse_args(argv)
     config = config_mod.load(args)
     logs.setup(config.log_level, config.log_format)

@@ -11,6 +11,7 @@ from tornado import web
 from service.config import Config
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
+from service.intake.callers import Callers
 from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
 from service.live.answers import CheckAnswers
@@ -47,8 +48,7 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
     streams = dict(limit=StreamLimit(config.max_streams_per_client),
                    keepalive=config.sse_keepalive, client_ip_header=config.client_ip_header)
     routes: list[Any] = [
-        (r"/submit", SubmitHandler, dict(submissions=submissions,
-                                         client_ip_header=config.client_ip_header)),
+        (r"/submit", SubmitHandler, dict(submissions=submissions)),
         (r"/check", CheckHandler, dict(records=store.records, answers=answers)),
         (r"/tasks", TaskListHandler, dict(history=store.history)),
         (r"/tasks/([^/]+)/events", EventsHandler, dict(feed=_task_feed(store), **streams)),
@@ -57,8 +57,7 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/tasks/([^/]+)", TaskHandler, dict(records=store.records,
                                               cancellations=store.cancellations,
                                               answers=answers)),
-        (r"/manifests", ManifestsHandler, dict(intake=manifests,
-                                               client_ip_header=config.client_ip_header)),
+        (r"/manifests", ManifestsHandler, dict(intake=manifests)),
         (r"/manifests/([^/]+)", ManifestHandler, dict(manifests=store.manifests)),
         (r"/health", HealthHandler, dict(store=store)),
         (r"/metrics", MetricsHandler, dict(gauges=gauges)),
@@ -66,9 +65,12 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
         (r"/", PageHandler, dict(path=str(STATIC))),
         (r"/static/(.*)", StaticHandler, dict(path=str(STATIC))),
     ]
+    # Every handler asks who its caller is (JsonHandler.caller): an
+    # application setting rather than one more initialize argument each.
+    callers = Callers(store.keys, config.client_ip_header, config.require_api_key)
     return web.Application(
         routes, default_handler_class=NotFoundHandler,
-        compress_response=False, xheaders=False, log_function=log_request)
+        compress_response=False, xheaders=False, log_function=log_request, callers=callers)
 
 
 def _task_feed(store: Store):

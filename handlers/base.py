@@ -14,6 +14,8 @@ from pymongo.errors import PyMongoError
 from tornado import httputil, web
 from tornado.http1connection import HTTP1Connection
 
+from service.intake.callers import Caller, Callers, Unauthorized
+
 log = logging.getLogger("md5light.api")
 T = TypeVar("T")
 
@@ -58,6 +60,7 @@ class JsonHandler(web.RequestHandler):
         # Before super().__init__, which calls the subclass's initialize.
         self._body = bytearray()
         self._too_big = False
+        self._caller: Caller | None = None
         super().__init__(*args, **kwargs)
 
     def compute_etag(self) -> None:
@@ -68,7 +71,25 @@ class JsonHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        self._check_body_length()
+        if "Authorization" in self.request.headers:
+            # A wrong or revoked key is a 401 wherever it is sent, before
+            # any work: the caller learns at once that it is wrong.
+            await self.caller()
+
+    async def caller(self) -> Caller:
+        """Who sent this request (application setting ``callers``); 401 for
+        a key this service does not accept."""
+        if self._caller is None:
+            callers: Callers = self.settings["callers"]
+            try:
+                self._caller = await self.db(callers.identify(self.request))
+            except Unauthorized as exc:
+                raise web.HTTPError(401, log_message=str(exc).replace("%", "%%")) from None
+        return self._caller
+
+    def _check_body_length(self) -> None:
         length = self.request.headers.get("Content-Length")
         if length is not None:
             try:
@@ -101,16 +122,21 @@ class JsonHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         messages = {
-            400: "bad request", 404: "not found", 405: "method not allowed",
+            400: "bad request", 401: "an API key is needed", 403: "forbidden",
+            404: "not found", 405: "method not allowed",
             413: f"request body larger than {_size(self.max_body)}",
             503: "database unavailable, try again shortly",
         }
         message = messages.get(status_code, self._reason.lower())
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message and status_code in (400, 415):
+        if isinstance(exc, web.HTTPError) and exc.log_message \
+                and status_code in (400, 401, 403, 415):
             message = exc.log_message % exc.args if exc.args else exc.log_message
         if status_code == 503:
             self.set_header("Retry-After", "5")
+        if status_code == 401:
+            error = ', error="invalid_token"' if "Authorization" in self.request.headers else ""
+            self.set_header("WWW-Authenticate", f'Bearer realm="md5-light"{error}')
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.finish(dumps({"error": message}))
@@ -217,8 +243,8 @@ def _size(n: int) -> str:
 
 
 class NotFoundHandler(JsonHandler):
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         raise web.HTTPError(404)
 
 

@@ -1,4 +1,6 @@
-"""GET /tasks: the task history, newest first, a page at a time."""
+"""GET /tasks: the task history, newest first, a page at a time: the
+caller's own (its API key's), every task for an operator, or the tasks
+whose ids it names (``id``, repeated: an id is a capability)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import urllib.parse
 
 from tornado import web
 
+from service.model.ids import could_be_ours
 from service.model.numbers import whole_number
 from service.model.task import Status
 from service.model.views import task_view
@@ -16,6 +19,8 @@ from .base import SUBMIT_PATIENCE, JsonHandler
 
 # The longest url /submit accepts: a longer filter matches nothing anyway.
 MAX_URL = 2048
+# Ids one request may name (the page asks for the tasks it submitted).
+MAX_IDS = 100
 
 
 class TaskListHandler(JsonHandler):
@@ -24,25 +29,42 @@ class TaskListHandler(JsonHandler):
 
     async def get(self) -> None:
         args = self.arguments()
+        caller = await self.caller()
         status, url, since = (self.one(args, name) for name in ("status", "url", "since"))
         limit, after = self.one(args, "limit"), self.one(args, "after")
+        ids = _ids(args.get("id", []))
+        if ids is None and not caller.operator and caller.key_id is None:
+            raise web.HTTPError(401, log_message=(
+                "listing tasks needs an API key (Authorization: Bearer <key>): a key lists "
+                "the tasks it submitted; name tasks with id=<task id> to see those"))
+        owner = None if caller.operator or ids is not None else caller.key_id
         # A page is a few queries, not one: it gets the submit's patience.
         page = await self.db(self.history.page(
-            _limit(limit), _status(status), _url(url), _since(since), _cursor(after)),
+            _limit(limit), _status(status), _url(url), _since(since), _cursor(after),
+            owner=owner, ids=ids),
             patience=SUBMIT_PATIENCE)
         token = page.next.token() if page.next else None
         link = None
         if token:
             given = {"status": status, "url": url, "since": since, "limit": limit}
-            query = {k: v for k, v in given.items() if v is not None}
-            link = "/tasks?" + urllib.parse.urlencode({**query, "after": token})
+            query = [(k, v) for k, v in given.items() if v is not None]
+            query += [("id", i) for i in ids or []]
+            link = "/tasks?" + urllib.parse.urlencode([*query, ("after", token)])
             self.set_header("Link", f'<{link}>; rel="next"')
-        self.send(200, {"tasks": [task_view(t) for t in page.tasks], "next": link,
-                        "after": token})
+        self.send(200, {"tasks": [task_view(t, links=caller.operator) for t in page.tasks],
+                        "next": link, "after": token})
 
 
 def _bad(message: str) -> web.HTTPError:
     return web.HTTPError(400, log_message=message.replace("%", "%%"))
+
+
+def _ids(values: list[str]) -> list[str] | None:
+    if not values:
+        return None
+    if len(values) > MAX_IDS:
+        raise _bad(f"id may be given at most {MAX_IDS} times")
+    return [v for v in values if could_be_ours(v)]
 
 
 def _limit(value: str | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tornado import httputil, web
 
-from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded, client_address
+from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded
 from service.intake.manifest_parser import MAX_TEXT_LINES, ManifestInvalid
 from service.intake.manifests import ManifestIntake
 from service.intake.validation import InvalidInput
@@ -31,9 +31,8 @@ class ManifestsHandler(JsonHandler):
 
     max_body = MAX_MANIFEST_BODY
 
-    def initialize(self, intake: ManifestIntake, client_ip_header: str | None) -> None:
+    def initialize(self, intake: ManifestIntake) -> None:
         self.intake = intake
-        self.client_ip_header = client_ip_header
         self._lines_seen = 0
         kind = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         # A text body's line limit holds while it arrives (JSON may be
@@ -60,11 +59,11 @@ class ManifestsHandler(JsonHandler):
     async def post(self) -> None:
         args = self.arguments_from_query()
         body, json_body = self._manifest_body()
-        client = client_address(self.request, self.client_ip_header)
+        caller = await self.caller()
         try:
             manifest = await self.db(self.intake.submit(
                 body, json_body, self.one(args, "algorithm"), self.one(args, "email"),
-                args.get("algorithms", []), client),
+                args.get("algorithms", []), caller.client, caller.key_id),
                 patience=MANIFEST_PATIENCE, driver=MANIFEST_PATIENCE)
         except ManifestInvalid as exc:
             return self.send(400, {"error": str(exc), "lines": [
@@ -73,7 +72,9 @@ class ManifestsHandler(JsonHandler):
             return self.send(400, {"error": str(exc)})
         except QuotaExceeded as exc:
             return self.send(429, {"error": (
-                f"too many unfinished tasks from your address: {exc.verdict.pending} are "
+                f"too many unfinished tasks from "
+                f"{'your API key' if caller.key_id else 'your address'}: "
+                f"{exc.verdict.pending} are "
                 f"queued or running and the limit is {exc.verdict.limit}")})
         except QueueFull as exc:
             self.set_header("Retry-After", str(RETRY_AFTER_FULL))

@@ -12,8 +12,8 @@ from service.intake.admission import (
     QueueFull,
     QuotaExceeded,
     Verdict,
-    client_address,
 )
+from service.intake.callers import Caller
 from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
 from service.live.answers import CheckAnswers
@@ -30,20 +30,19 @@ from .base import SUBMIT_PATIENCE, JsonHandler
 log = logging.getLogger("md5light.api")
 
 class SubmitHandler(JsonHandler):
-    def initialize(self, submissions: Submissions, client_ip_header: str | None) -> None:
+    def initialize(self, submissions: Submissions) -> None:
         self.submissions = submissions
-        self.client_ip_header = client_ip_header
 
     async def post(self) -> None:
         args = self.arguments()
-        client = client_address(self.request, self.client_ip_header)
+        caller = await self.caller()
         try:
             accepted = await self.db(self.submissions.submit(
                 self.one(args, "url"), self.one(args, "email"),
-                self.request.headers.get("Idempotency-Key"), client,
+                self.request.headers.get("Idempotency-Key"), caller.client,
                 algorithms=args.get("algorithms", []), expected=self.one(args, "expected"),
                 callback_url=self.one(args, "callback_url"),
-                max_age=self.one(args, "max_age")),
+                max_age=self.one(args, "max_age"), owner=caller.key_id),
                 patience=SUBMIT_PATIENCE)
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
@@ -55,7 +54,7 @@ class SubmitHandler(JsonHandler):
             self.rate_limit_headers(exc.verdict, reset=RETRY_AFTER_CLIENT)
             self.set_header("Retry-After", str(RETRY_AFTER_CLIENT))
             return self.send(429, {"error": (
-                f"too many unfinished tasks from your address: {exc.verdict.pending} are "
+                f"too many unfinished tasks from {_whose(caller)}: {exc.verdict.pending} are "
                 f"queued or running and the limit is {exc.verdict.limit}; submit more "
                 f"when some have finished")})
         except QueueFull as exc:
@@ -127,14 +126,20 @@ class TaskHandler(TaskReader):
         task = await self.find(task_id)
         if task is None:
             return self.send(404, NOT_FOUND)
-        self.send(200, task_view(task))
+        self.send(200, task_view(task, links=(await self.caller()).operator))
 
     async def delete(self, task_id: str) -> None:
         """Cancel: 200 with the cancelled task (again on a repeat), 409 when
-        it already ended otherwise, 404 when there is no such task."""
+        it already ended otherwise, 403 when another API key owns it, 404
+        when there is no such task."""
         notify = _flag(self.one(self.arguments(), "notify"))
-        if not could_be_ours(task_id):
+        caller = await self.caller()
+        task = await self.find(task_id)
+        if task is None:
             return self.send(404, NOT_FOUND)
+        if not caller.may_act_on(task.owner):
+            return self.send(403, {"error": "this task was submitted with another API key; "
+                                            "only that key (or an operator's) may cancel it"})
         outcome, task = await self.db(self.cancellations.cancel(task_id, notify))
         self.answers.forget(task_id)
         if outcome is Outcome.BUSY:
@@ -148,7 +153,11 @@ class TaskHandler(TaskReader):
         if outcome is Outcome.CANCELLED:
             TASKS_FINISHED.labels("cancelled").inc()
             log.info("task %s cancelled", task.id)
-        self.send(200, task_view(task))
+        self.send(200, task_view(task, links=caller.operator))
+
+
+def _whose(caller: Caller) -> str:
+    return f"your API key {caller.key_id}" if caller.key_id else "your address"
 
 
 def _flag(value: str | None) -> bool:

@@ -142,6 +142,10 @@ class Config:
                                           "header in which a trusted proxy appends the client's "
                                           "address, e.g. X-Forwarded-For (its right-most entry "
                                           "is used); unset: the connection's address")
+    require_api_key: bool = _field("REQUIRE_API_KEY", False, parse_bool,
+                                   "refuse requests without an API key (run.py keys create); "
+                                   "off: anyone may submit, and a key only names its tasks",
+                                   "--require-api-key")
     max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 1024, int,
                                              "open connections one remote address may hold; "
                                              "more are closed at once (0: no limit)")

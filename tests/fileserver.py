@@ -527,17 +527,35 @@ def served(key: str) -> int:
 class HookHandler(web.RequestHandler):
     """/hook/<key>?fail=N&code=C: a webhook receiver that records every
     post (headers and body) per key and answers C (default 500) to the
-    first N of them, then 204."""
+    first N of them, then 204; ?answer=big: then 200 with 128 MiB of body
+    (over Tornado's default max_body_size),
+    ?answer=endless: 200 and a body that never ends."""
 
     received: dict[str, list[dict]] = {}
 
-    def post(self, key: str) -> None:
+    async def post(self, key: str) -> None:
         posts = self.received.setdefault(key, [])
         posts.append({"headers": dict(self.request.headers), "body": self.request.body,
                       "peer": self.request.remote_ip, "at": time.time()})
         if len(posts) <= int(self.get_argument("fail", "0")):
             self.set_status(int(self.get_argument("code", "500")))
             self.finish("not now")
+            return
+        answer = self.get_argument("answer", None)
+        try:
+            if answer == "big":
+                self.set_header("Content-Length", str(128 * 2**20))
+                for _ in range(512):
+                    self.write(b"x" * 2**18)
+                    await self.flush()
+                self.finish()
+                return
+            if answer == "endless":
+                while True:
+                    self.write(b"still here\n")
+                    await self.flush()
+                    await asyncio.sleep(0.2)
+        except StreamClosedError:
             return
         self.set_status(204)
         self.finish()

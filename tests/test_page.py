@@ -210,3 +210,41 @@ def test_it_reads_on_a_phone(browser, site):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     shot(page, "9-phone")
     context.close()
+
+
+def test_the_list_shows_this_browsers_tasks_and_an_operator_every_task(browser, mongo, logs,
+                                                                      files):
+    # Once keys exist, a browser without one sees the tasks it submitted,
+    # not another client's; the operator's key shows every task.
+    from test_access import bearer, make_key, submit
+    svc = Service(mongo, logs).start()
+    try:
+        bob, ops = make_key(svc, "bob"), make_key(svc, "ops", "--operator")
+        theirs = submit(svc, files.url("/bytes/1000?seed=81"), bob)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(svc.base + "/")
+        ours = submit_in_page(page, files.url("/bytes/2000?seed=82"))
+        task_item(page, ours).locator("code.digest[data-algorithm=md5]").wait_for(
+            timeout=30_000)
+        expect(page.locator("#tasks-scope")).to_have_text(
+            "Showing the tasks submitted from this browser.")
+        assert page.locator(f'li.task[data-id="{theirs}"]').count() == 0
+        assert page.locator("li.task").count() == 1
+        page.reload()  # remembered across visits
+        task_item(page, ours)
+        page.locator("#key-box summary").click()
+        page.locator("#api-key").fill(ops)
+        page.locator("#key-form button").click()
+        expect(page.locator("#key-message")).to_have_text("Key saved.")
+        task_item(page, theirs)
+        expect(page.locator("#tasks-scope")).to_have_text("")
+        shot(page, "7-operator-sees-all")
+        page.locator("#api-key").fill("md5l_000000000000_" + "A" * 43)
+        page.locator("#key-form button").click()
+        expect(page.locator("#key-message")).to_have_text("the API key is not valid")
+        assert requests.get(svc.base + "/tasks", headers=bearer(bob),
+                            timeout=10).json()["tasks"][0]["id"] == theirs
+        context.close()
+    finally:
+        svc.stop()

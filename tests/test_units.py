@@ -475,3 +475,24 @@ def test_an_unfinished_answer_is_brief_and_never_hides_an_end():
     brief = CheckAnswers(fresh_seconds=-1)
     brief.unfinished("t")
     assert brief.get("t") is None
+
+
+def test_an_empty_query_is_the_same_file_as_none_as_on_the_wire():
+    from service.model.same_file import normalized_url
+    assert normalized_url("http://H.example/g.bin?") == normalized_url("http://h.example/g.bin")
+    assert normalized_url("http://h.example?") == "http://h.example/"
+    assert normalized_url("http://h.example/g.bin?a") != normalized_url("http://h.example/g.bin")
+    assert normalized_url("http://h.example/G.bin") != normalized_url("http://h.example/g.bin")
+
+
+@pytest.mark.parametrize("text, number", [
+    ("0", 0), ("42", 42), ("²", None), ("٣", None), ("５", None), ("1_0", None),
+    ("+5", None), (" 5", None), ("", None), (None, None), ("9" * 31, None)])
+def test_whole_numbers_are_ascii_digits_only(text, number):
+    from service.model.numbers import whole_number
+    assert whole_number(text) == number
+
+
+def test_retry_after_with_a_superscript_digit_is_ignored_not_a_crash():
+    from service.fetch.client import retry_after_seconds
+    assert retry_after_seconds("²") is None and retry_after_seconds("7") == 7.0

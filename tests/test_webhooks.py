@@ -113,6 +113,21 @@ def test_a_receiver_that_keeps_failing_is_given_up_with_its_reason(make_service,
     assert body["status"] == "failed" and "404" in body["error"]
 
 
+@pytest.mark.parametrize("answer", ["big", "endless"])
+def test_a_2xx_is_delivery_whatever_body_follows(make_service, files, receiver, answer):
+    # A 200 with 128 MiB of body, or one that never ends: delivered once,
+    # the body cut off after 64 KiB (before: "connection closed", retried).
+    svc = make_service(**QUICK, WEBHOOK_TIMEOUT="3")
+    key = _key()
+    task_id = _submit(svc, files.url("/bytes/100?seed=63"),
+                      receiver.url(f"/hook/{key}?answer={answer}"))
+    task = _callback_settles(svc, task_id)
+    assert task["callback"]["status"] == "delivered", task["callback"]
+    assert task["callback"]["attempts"] == 1
+    time.sleep(1)
+    assert len(HookHandler.received[key]) == 1
+
+
 def test_a_cancelled_task_is_posted_too(make_service, files, receiver):
     svc = make_service(**QUICK)
     key = _key()

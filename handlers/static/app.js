@@ -4,6 +4,9 @@
 
 const MAX_STREAMS = 8;          // the API allows 20 per client; leave room
 const LIST_SIZE = 20;
+const MINE = "md5light.mine";   // ids of the tasks this browser submitted
+const KEY = "md5light.key";     // the API key typed into this page, if any
+const MINE_KEPT = 100;
 const streams = new Map();      // task id -> EventSource
 const speed = new Map();        // task id -> {t, bytes, rate}
 
@@ -29,7 +32,20 @@ function duration(seconds) {
   return Math.floor(seconds / 3600) + " h " + Math.floor((seconds % 3600) / 60) + " min";
 }
 
+function stored(name, fallback) {
+  try { return JSON.parse(localStorage.getItem(name)) ?? fallback; } catch (e) { return fallback; }
+}
+
+function remember(id) {
+  const mine = stored(MINE, []).filter((known) => known !== id);
+  mine.unshift(id);
+  localStorage.setItem(MINE, JSON.stringify(mine.slice(0, MINE_KEPT)));
+}
+
 async function api(path, options) {
+  options = options || {};
+  const key = stored(KEY, "");
+  if (key) options.headers = Object.assign({}, options.headers, { Authorization: "Bearer " + key });
   const response = await fetch(path, options);
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
@@ -62,6 +78,7 @@ async function submitTask(event) {
       body: JSON.stringify(payload),
     });
     if (result.status !== 202) { say(message, problem(result, "The task was refused"), true); return; }
+    remember(result.body.id);
     say(message, "Started.");
     form.url.value = "";
     await loadTasks();
@@ -74,28 +91,42 @@ async function submitTask(event) {
 
 // -- the list -----------------------------------------------------------
 
+// The tasks this browser submitted, plus what GET /tasks lists for this
+// caller: an API key's own tasks, every task for an operator, and a 401
+// for anyone else (another client's tasks are never listed to it).
 async function loadTasks() {
   const message = $("tasks-message");
-  let result;
+  const mine = stored(MINE, []).slice(0, LIST_SIZE);
+  let listed, named;
   try {
-    result = await api("/tasks?limit=" + LIST_SIZE);
+    listed = await api("/tasks?limit=" + LIST_SIZE);
+    named = mine.length ? await api("/tasks?" + mine.map((id) => "id=" + encodeURIComponent(id))
+      .join("&") + "&limit=" + LIST_SIZE) : { status: 200, body: { tasks: [] } };
   } catch (e) {
     say(message, "Could not load the tasks; the service did not answer.", true);
     return;
   }
-  if (result.status !== 200) { say(message, problem(result, "Could not load the tasks"), true); return; }
+  if (named.status !== 200) { say(message, problem(named, "Could not load the tasks"), true); return; }
+  const byId = new Map();
+  for (const task of [...(listed.status === 200 ? listed.body.tasks : []), ...named.body.tasks]) {
+    byId.set(task.id, task);
+  }
+  const tasks = [...byId.values()].sort((a, b) => (a.created_at < b.created_at ? 1 : -1))
+    .slice(0, LIST_SIZE);
+  $("tasks-scope").textContent = listed.status === 200 ? "" :
+    "Showing the tasks submitted from this browser.";
   const list = $("tasks");
-  const wanted = new Set(result.body.tasks.map((task) => task.id));
+  const wanted = new Set(tasks.map((task) => task.id));
   for (const item of [...list.children]) {
     if (!wanted.has(item.dataset.id)) { stopStream(item.dataset.id); item.remove(); }
   }
-  result.body.tasks.forEach((task, index) => {
+  tasks.forEach((task, index) => {
     const item = itemFor(task.id);
     if (list.children[index] !== item) list.insertBefore(item, list.children[index] || null);
     render(item, task);
     if (!finished(task.status)) watch(task.id);
   });
-  say(message, result.body.tasks.length ? "" : "No tasks yet: submit a URL to start.");
+  say(message, tasks.length ? "" : "No tasks yet: submit a URL to start.");
 }
 
 function finished(status) {
@@ -340,8 +371,22 @@ function renderManifest(manifest) {
   }
 }
 
+async function useKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(KEY, JSON.stringify(key)); else localStorage.removeItem(KEY);
+  $("api-key").value = "";
+  const check = await api("/tasks?limit=1");
+  say($("key-message"), !key ? "No key: showing this browser's tasks." :
+    check.status === 200 ? "Key saved." : problem(check, "The key was refused"),
+  Boolean(key) && check.status !== 200);
+  if (key && check.status === 401) localStorage.removeItem(KEY);
+  loadTasks();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("submit-form").addEventListener("submit", submitTask);
+  $("key-form").addEventListener("submit", useKey);
   $("manifest-form").addEventListener("submit", submitManifest);
   $("refresh").addEventListener("click", loadTasks);
   $("detail-close").addEventListener("click", () => $("detail").close());

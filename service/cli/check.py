@@ -26,6 +26,7 @@ from service.cli.submit import (
     EXIT_DONE,
     EXIT_FAILED,
     EXIT_UNREACHABLE,
+    auth_headers,
     default_server,
     size,
 )
@@ -33,8 +34,8 @@ from service.cli.submit import (
 
 def _request(method: str, url: str, body: bytes | None = None,
              ctype: str = "text/plain") -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": ctype} if body else {})
+    headers = {**auth_headers(), **({"Content-Type": ctype} if body else {})}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()

@@ -32,7 +32,7 @@ EXIT_CANCELLED, EXIT_INTERRUPTED = 4, 130
 
 def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
     body = urllib.parse.urlencode(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, method=method)
+    request = urllib.request.Request(url, data=body, method=method, headers=auth_headers())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read() or b"{}")
@@ -41,6 +41,12 @@ def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
             return exc.code, json.loads(exc.read() or b"{}")
         except ValueError:
             return exc.code, {"error": exc.reason}
+
+
+def auth_headers() -> dict[str, str]:
+    """The API key of MD5LIGHT_API_KEY, if set (run.py keys create)."""
+    key = os.environ.get("MD5LIGHT_API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def default_server() -> str:

@@ -107,6 +107,11 @@ def client_key(address: str) -> str:
 
 
 def client_address(request, header: str | None) -> str:
+    """The quota's unit for ``request``'s sender (see ``peer_address``)."""
+    return client_key(peer_address(request, header))
+
+
+def peer_address(request, header: str | None) -> str:
     """Who sent ``request``. With ``header`` (say X-Forwarded-For), its
     right-most entry: that is the one our trusted proxy appended; entries
     to its left came from the client and can be forged. A request without
@@ -116,10 +121,10 @@ def client_address(request, header: str | None) -> str:
         value = request.headers.get(header, "")
         last = value.rsplit(",", 1)[-1].strip()
         try:
-            return client_key(str(ipaddress.ip_address(last)))
+            return str(ipaddress.ip_address(last))
         except ValueError:
             pass
-    return client_key(request.remote_ip or "")
+    return request.remote_ip or ""
 
 
 class Admission:

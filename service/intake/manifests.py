@@ -26,7 +26,8 @@ class ManifestIntake:
         self.wake = wake
 
     async def submit(self, body: bytes, json_body: bool, algorithm: str | None,
-                     email: str | None, algorithms: list[str], client: str) -> Manifest:
+                     email: str | None, algorithms: list[str], client: str,
+                     owner: str | None = None) -> Manifest:
         """Raises ManifestInvalid, InvalidInput, QuotaExceeded or QueueFull
         to refuse the manifest, or the database's error."""
         lines = await parse(body, json_body, algorithm, self.policy)
@@ -39,7 +40,7 @@ class ManifestIntake:
                 await asyncio.sleep(0)  # 10,000 tasks are made in slices too
             wanted, _ = check_digests(extra + [line.expected.algorithm], None)
             task = Task.new(line.url, None, False, client=client, algorithms=wanted,
-                            expected=line.expected)
+                            expected=line.expected, owner=owner)
             task.manifest, task.line = manifest.id, line.number
             tasks.append(task)
         verdict = await self.admission.admit(client, len(tasks))

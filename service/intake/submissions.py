@@ -47,12 +47,12 @@ class Submissions:
                      client: str, algorithms: list[str] | None = None,
                      expected: str | None = None,
                      callback_url: str | None = None,
-                     max_age: str | None = None) -> Accepted:
+                     max_age: str | None = None, owner: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
         wanted, checksum = check_digests(algorithms or [], expected)
         task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
-                        client=client, algorithms=wanted, expected=checksum,
+                        client=client, owner=owner, algorithms=wanted, expected=checksum,
                         callback_url=check_callback_url(callback_url, self.policy,
                                                         self.webhooks))
         key = check_idempotency_key(idempotency_key)

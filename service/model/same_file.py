@@ -5,7 +5,9 @@ Coalescing (storage.coalescing) runs one download for all of them, so the
 key must not tell apart URLs that every server treats alike (scheme and
 host case, a default port, a fragment, which never reaches the server),
 and must tell apart everything else: path and query stay byte for byte,
-since servers may treat their case and order as meaningful.
+since servers may treat their case and order as meaningful. One exception,
+because it is not one on the wire: an empty query (``g.bin?``) is no query,
+as Tornado's client sends both as ``GET /g.bin`` (an empty path as ``/``).
 """
 
 from __future__ import annotations

@@ -176,6 +176,9 @@ class Task:
     claim: str | None = None
     claimed_at: dt.datetime | None = None
     client: str | None = None
+    # The API key that submitted it (service.model.keys), or None. Stored
+    # only when set: the sparse list_owner index then holds keyed tasks only.
+    owner: str | None = None
     # The fairness lane, from how many unfinished tasks its client had
     # when it was submitted (see storage.queue_scan).
     lane: int = 0
@@ -200,10 +203,12 @@ class Task:
     @classmethod
     def new(cls, url: str, email: str | None, mail_enabled: bool,
             client: str | None = None, algorithms: list[str] | None = None,
-            expected: Checksum | None = None, callback_url: str | None = None) -> Task:
+            expected: Checksum | None = None, callback_url: str | None = None,
+            owner: str | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
-        task = cls(url=url, email=email, client=client, notification=Notification(note),
+        task = cls(url=url, email=email, client=client, owner=owner,
+                   notification=Notification(note),
                    algorithms=list(algorithms or [ALWAYS]), expected=expected,
                    callback=Callback(callback_url) if callback_url else None)
         task.lease_until = task.created_at
@@ -243,6 +248,7 @@ class Task:
             "checkpoint": self.checkpoint, "attempt": self.attempt,
             "bytes_fetched": self.bytes_fetched,
             "callback": self.callback.to_doc() if self.callback else None,
+            **({"owner": self.owner} if self.owner else {}),
         }
 
     @classmethod
@@ -264,7 +270,7 @@ class Task:
             bytes_done=doc.get("bytes_done", 0), bytes_total=doc.get("bytes_total"),
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),
             worker=doc.get("worker"), claim=doc.get("claim"), claimed_at=doc.get("claimed_at"),
-            client=doc.get("client"),
+            client=doc.get("client"), owner=doc.get("owner"),
             lane=doc.get("lane", 0),
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),

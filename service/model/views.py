@@ -36,7 +36,11 @@ def check_view(task: Task) -> tuple[int, dict[str, Any]]:
     return 202, {"status": "running"}
 
 
-def task_view(task: Task) -> dict[str, Any]:
+def task_view(task: Task, links: bool = False) -> dict[str, Any]:
+    """The task in full. ``follows`` and ``cached_from`` name another
+    task, most often another client's: its id is a capability (to read,
+    to cancel), so only an operator (``links``) sees it; anyone else sees
+    ``true`` where there is one."""
     failed = task.status == Status.FAILED and task.error is not None
     note = task.notification
     return {
@@ -44,8 +48,9 @@ def task_view(task: Task) -> dict[str, Any]:
         "algorithms": task.algorithms, "digests": task.digests,
         "expected": str(task.expected) if task.expected else None, "verified": task.verified,
         "server_digest": task.server_digest.to_doc() if task.server_digest else None,
-        "manifest": task.manifest, "line": task.line, "follows": task.follows,
-        "max_age": task.max_age, "cached_from": task.cached_from,
+        "manifest": task.manifest, "line": task.line,
+        "follows": _link(task.follows, links),
+        "max_age": task.max_age, "cached_from": _link(task.cached_from, links),
         "revalidated": task.revalidated,
         "error": task.error.message if failed and task.error else None,
         "error_code": task.error.code if failed and task.error else None,
@@ -60,6 +65,12 @@ def task_view(task: Task) -> dict[str, Any]:
         **_resume_view(task),
         "callback": _callback(task),
     }
+
+
+def _link(task_id: str | None, links: bool) -> str | bool | None:
+    if task_id is None:
+        return None
+    return task_id if links else True
 
 
 def _callback(task: Task) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.simple_httpclient import HTTPTimeoutError
 
@@ -28,7 +29,14 @@ from service.model.task import Task
 from service.model.views import task_view
 
 USER_AGENT = "md5-light-webhooks/1.0"
-# The receiver's answer is read and dropped: only its status matters.
+# Only the receiver's status matters: a 2xx is delivery as soon as its
+# headers arrive. Its body is read up to this much and then cut off (a
+# large or endless body once made a delivered post look like a failure).
+ANSWER_CAP = 64 * 1024
+
+
+class _Enough(Exception):
+    """The receiver's body is past ANSWER_CAP: stop reading it."""
 
 
 @dataclass
@@ -71,18 +79,35 @@ class WebhookPoster:
         host = urllib.parse.urlsplit(url).hostname or url
         body = payload(task)
         timestamp = int(time.time())
+        answered: list[int] = []  # the status line's code, once it came
+        received = 0
+
+        def on_header(line: str) -> None:
+            if line.startswith("HTTP/"):
+                answered[:] = [httputil.parse_response_start_line(line.strip()).code]
+
+        def on_chunk(chunk: bytes) -> None:
+            nonlocal received
+            received += len(chunk)
+            if received > ANSWER_CAP:
+                raise _Enough()  # Tornado ends the fetch (599) and closes it
+
         request = HTTPRequest(
             url, method="POST", body=body, follow_redirects=False,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.webhook_timeout, decompress_response=False,
-            streaming_callback=lambda chunk: None,
+            header_callback=on_header, streaming_callback=on_chunk,
             headers={"Content-Type": "application/json", "User-Agent": USER_AGENT,
                      "webhook-id": task.id, "webhook-timestamp": str(timestamp),
                      "webhook-signature": sign(self.key, task.id, timestamp, body)})
         try:
             response = await self.client.fetch(request, raise_error=False)
         except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
+            if answered and 200 <= answered[0] < 300:
+                return
             raise _failure(exc, host, self.config) from None
+        if response.code == 599 and answered and 200 <= answered[0] < 300:
+            return  # a 2xx whose body was cut off, or never ended: delivered
         if response.code == 599:  # a timeout, which Tornado returns as an answer
             raise _failure(response.error, host, self.config)
         if 200 <= response.code < 300:

@@ -84,6 +84,9 @@ class Collections:
                                       name="list_status")
         await self.tasks.create_index([("url", ASCENDING), ("created_at", DESCENDING)],
                                       name="list_url")
+        # GET /tasks of one API key. Sparse: anonymous tasks have no owner.
+        await self.tasks.create_index([("owner", ASCENDING), ("created_at", DESCENDING)],
+                                      name="list_owner", sparse=True)
         await self.idempotency.create_index("created_at", name="expiry",
                                             expireAfterSeconds=int(idempotency_ttl))
         await self._ensure_retention(task_ttl_days)

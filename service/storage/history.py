@@ -101,10 +101,17 @@ class TaskHistory:
 
     async def page(self, limit: int = PAGE_DEFAULT, status: Status | None = None,
                    url: str | None = None, since: dt.datetime | None = None,
-                   after: Cursor | None = None) -> Page:
+                   after: Cursor | None = None, owner: str | None = None,
+                   ids: list[str] | None = None) -> Page:
         """Up to ``limit`` tasks, newest first, older than ``after``,
-        created at or after ``since``, with the given status and url."""
+        created at or after ``since``, with the given status and url, of
+        ``owner`` (an API key's id) and among ``ids``, when given."""
         match: dict[str, Any] = {}
+        if owner is not None:
+            match["owner"] = owner
+        if ids is not None:
+            # Named tasks: one read by _id, whatever their dates.
+            return await self._named(ids, match, limit, since, after)
         if status is not None:
             match["status"] = str(status)
         if url is not None:
@@ -150,6 +157,20 @@ class TaskHistory:
         found.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
         shown = [Task.from_doc(d) for d in found[:limit]]
         more = len(found) > limit
+        return Page(shown, Cursor(shown[-1].created_at, shown[-1].id) if more else None)
+
+
+    async def _named(self, ids: list[str], match: dict[str, Any], limit: int,
+                     since: dt.datetime | None, after: Cursor | None) -> Page:
+        query: dict[str, Any] = {**match, "_id": {"$in": ids}}
+        if since is not None:
+            query["created_at"] = {"$gte": since}
+        docs = await self.tasks.find(query, _HIDDEN).to_list(None)
+        if after is not None:
+            docs = [d for d in docs if after.after(d)]
+        docs.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
+        shown = [Task.from_doc(d) for d in docs[:limit]]
+        more = len(docs) > limit
         return Page(shown, Cursor(shown[-1].created_at, shown[-1].id) if more else None)
 
 

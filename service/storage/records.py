@@ -28,6 +28,9 @@ class TaskRecords:
         the task is new: it raises to refuse the task or returns its lane."""
         task_id = task.id
         if idempotency_key:
+            # Scoped to its client (address or API key): a key another
+            # client chose alike must not hand out that client's task id.
+            idempotency_key = f"{task.client or ''} {idempotency_key}"
             task_id = await self.keys.reserve(idempotency_key, task.id, task.url, task.email,
                                               _options(task))
         retry = task_id != task.id

@@ -19,6 +19,7 @@ from service.storage.counters import TaskCounters
 from service.storage.database import Collections, connect
 from service.storage.dbclock import DatabaseClock
 from service.storage.history import TaskHistory
+from service.storage.keys import KeyRecords
 from service.storage.known_files import KnownFiles
 from service.storage.live_reads import LiveReads
 from service.storage.liveness import WorkerLiveness
@@ -48,6 +49,7 @@ class Store:
         self.known_files = KnownFiles(self.cols)
         self.cancellations = Cancellations(self.cols, self.counters, self.coalescer)
         self.liveness = WorkerLiveness(self.cols.workers)
+        self.keys = KeyRecords(self.cols.db["api_keys"])
 
     async def ensure_indexes(self) -> None:
         await self.cols.ensure_indexes(self.config.idempotency_ttl, self.config.task_ttl_days)

@@ -1,0 +1,107 @@
+"""Who is asking: an API key's holder, an operator, or an anonymous client.
+
+A task id stays a bearer capability for its own task (the original
+``/check`` contract needs that); what a key adds is a name for the tasks
+it submits (``owner``), a quota of its own (better than an address behind
+NAT), and the right to list: a key lists its own tasks, an operator key
+every task. Until the first key is made, a request from the loopback
+interface is an operator, so that ``make run`` and curl on the same host
+work as before; from then on only keys say who is who.
+
+Lookups are cached for CACHE_SECONDS: a revoked key stops working within
+that time in every API process, at one database read per key and period.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import time
+
+from service.intake.admission import client_key, peer_address
+from service.model.keys import ApiKey, Role, parse_token
+from service.storage.keys import KeyRecords
+
+CACHE_SECONDS = 2.0
+
+
+class Unauthorized(Exception):
+    """The request's key is not one this service accepts; the message says
+    why in a sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    # The unit quotas count: "key:<id>", or the client's address.
+    client: str
+    # The key that asked (the owner of what it submits), or None.
+    key_id: str | None = None
+    # Sees every task, and other tasks' ids in links.
+    operator: bool = False
+
+    def may_act_on(self, owner: str | None) -> bool:
+        """Whether this caller may cancel a task of ``owner`` whose id it
+        holds: an unowned task is the id's holder's; an owned one its
+        key's (or an operator's)."""
+        return owner is None or self.operator or owner == self.key_id
+
+
+class Callers:
+    def __init__(self, keys: KeyRecords, client_ip_header: str | None,
+                 require_key: bool = False):
+        self.keys = keys
+        self.client_ip_header = client_ip_header
+        self.require_key = require_key
+        self._keys: dict[str, tuple[float, ApiKey | None]] = {}
+        self._any: tuple[float, bool] = (0.0, False)
+
+    async def identify(self, request) -> Caller:
+        """The caller of ``request``, or Unauthorized."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            if self.require_key:
+                raise Unauthorized("this service needs an API key: send it as "
+                                   "'Authorization: Bearer <key>'")
+            peer = peer_address(request, self.client_ip_header)
+            return Caller(client_key(peer), operator=await self._loopback_rules(peer))
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+        parsed = parse_token(token.strip())
+        if parsed is None:
+            raise Unauthorized("the API key is not one this service made (md5l_...)")
+        key_id, secret = parsed
+        key = await self._key(key_id)
+        if key is None or not key.opens(secret):
+            raise Unauthorized("the API key is not valid")
+        if not key.active:
+            raise Unauthorized(f"the API key {key_id} was revoked")
+        return Caller(f"key:{key.id}", key.id, key.role == Role.OPERATOR)
+
+    async def _key(self, key_id: str) -> ApiKey | None:
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is not None and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        key = await self.keys.get(key_id)
+        if len(self._keys) > 10_000:  # made-up ids must not grow this forever
+            self._keys.clear()
+        self._keys[key_id] = (now, key)
+        return key
+
+    async def _loopback_rules(self, peer: str) -> bool:
+        if not _is_loopback(peer):
+            return False
+        now = time.monotonic()
+        if now - self._any[0] >= CACHE_SECONDS:
+            self._any = (now, await self.keys.any_active())
+        return not self._any[1]
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
