@@ -488,7 +488,8 @@ class VersionedHandler(_Base):
     conditional requests answered as a server does (304 Not Modified).
     Records each request: ``VersionedHandler.seen[key]`` holds (status,
     If-None-Match, If-Modified-Since, body bytes sent). ?validator=etag
-    (the default) | weak | lastmod."""
+    (the default) | weak | lastmod; ?bare304=1: a 304 without validators
+    (?lie304=1: whatever the request's validators name)."""
 
     versions: dict[str, int] = {}
     seen: dict[str, list[tuple[int, str | None, str | None, int]]] = {}
@@ -510,8 +511,11 @@ class VersionedHandler(_Base):
         unchanged = ((etag is not None and inm is not None
                       and inm.removeprefix("W/") == etag.removeprefix("W/"))
                      or (modified is not None and ims == modified))
-        if unchanged:
+        if unchanged or (self.get_argument("lie304", None) and (inm or ims)):
             self.seen.setdefault(key, []).append((304, inm, ims, 0))
+            if self.get_argument("bare304", None):
+                self.clear_header("ETag")
+                self.clear_header("Last-Modified")
             self.set_status(304)
             self.finish()
             return

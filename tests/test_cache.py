@@ -80,18 +80,46 @@ def test_a_changed_file_is_downloaded_again(service, files):
     assert VersionedHandler.seen[key][-1] == (200, f'"{key}-v0"', None, 20_000)
 
 
-@pytest.mark.parametrize("validator, sent", [("lastmod", "ims"), ("weak", "inm")])
-def test_last_modified_and_weak_etags_revalidate_too(service, files, validator, sent):
-    key, url = versioned(files, validator)
+def test_a_strong_last_modified_revalidates_too(service, files):
+    key, url = versioned(files, "lastmod")
     first = submit(service, url)
     assert service.wait(first).status_code == 200
     time.sleep(2.1)
     second = submit(service, url, max_age="1")
     assert service.wait(second).status_code == 200
     status, inm, ims, sent_bytes = VersionedHandler.seen[key][-1]
-    assert status == 304 and sent_bytes == 0
-    assert (ims if sent == "ims" else inm) is not None
+    assert status == 304 and sent_bytes == 0 and ims is not None and inm is None
     assert service.task(second)["revalidated"] is True
+
+
+def test_a_weak_etag_is_not_trusted_to_reuse_digests(service, files):
+    # W/ promises the same meaning, not the same bytes: download again.
+    key, url = versioned(files, "weak")
+    first = submit(service, url)
+    assert service.wait(first).status_code == 200
+    time.sleep(2.1)
+    second = submit(service, url, max_age="1")
+    assert service.wait(second).json()["md5"] == md5_of(20_000)
+    assert VersionedHandler.seen[key][-1] == (200, None, None, 20_000)
+    assert service.task(second)["revalidated"] is None
+
+
+@pytest.mark.parametrize("how", ["bare304", "lie304"])
+def test_a_304_that_does_not_name_the_version_is_not_trusted(service, files, how):
+    # A 304 without the ETag asked with (or a server answering 304 to
+    # anything): the digests are not reused, the file is fetched again.
+    key, url = versioned(files)
+    url += f"&{how}=1"
+    first = submit(service, url)
+    assert service.wait(first).status_code == 200
+    version = 1 if how == "lie304" else 0  # lie304: the file changed, the 304 says so
+    VersionedHandler.versions[key] = version
+    time.sleep(2.1)
+    second = submit(service, url, max_age="1")
+    assert service.wait(second).json()["md5"] == md5_of(20_000, seed=version)
+    assert [s[0] for s in VersionedHandler.seen[key]] == [200, 304, 200]
+    assert VersionedHandler.seen[key][-1][1:3] == (None, None)  # asked without conditionals
+    assert service.task(second)["revalidated"] is None
 
 
 def test_a_cached_answer_is_judged_by_its_own_expected_checksum(service, files):

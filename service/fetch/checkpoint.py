@@ -149,6 +149,18 @@ def validator(headers: HTTPHeaders) -> str | None:
     return modified
 
 
+def strong_validators(headers: HTTPHeaders) -> tuple[str | None, str | None]:
+    """The response's ETag and Last-Modified, each only if it is strong:
+    what a later revalidation may rely on to reuse this download's digests
+    (a weak ETag, or a date within a second of the response, promises the
+    same meaning, not the same bytes)."""
+    etag = headers.get("ETag", "").strip()
+    strong_etag = etag if etag.startswith('"') and etag.endswith('"') and len(etag) >= 2 \
+        else None
+    without_etag = HTTPHeaders({k: v for k, v in headers.get_all() if k.lower() != "etag"})
+    return strong_etag, validator(without_etag)
+
+
 def why_not(algorithms: list[str], length: int | None, headers: HTTPHeaders,
             min_size: int) -> str | None:
     """Why this download will not be checkpointed, as a sentence; None if

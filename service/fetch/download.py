@@ -36,7 +36,7 @@ from tornado.iostream import IOStream
 from service.config import Config, human_size
 from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
-from service.fetch.checkpoint import Checkpoint
+from service.fetch.checkpoint import Checkpoint, strong_validators
 from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
@@ -183,6 +183,11 @@ class Download:
             self.abort(_StartOver("the server's answer to a range request is not usable"))
             return
         if status == 304 and self.revalidate is not None:
+            if not self.revalidate.confirmed_by(self._headers):
+                # A 304 that does not name the version the digests are of.
+                self.revalidate = None
+                self.abort(_StartOver("the server's 304 did not repeat the validator"))
+                return
             self._not_modified = True
             return
         if answer is Answer.CONTINUE:
@@ -284,9 +289,11 @@ class Download:
         if self._not_modified and response is not None and response.code == 304:
             await self.sink.discard()
             assert self.revalidate is not None
-            etag, modified = self._validators()
-            return Fetched({a: self.revalidate.digests[a] for a in self.algorithms},
-                           etag=etag, last_modified=modified, not_modified=True)
+            # The validators confirmed (confirmed_by), kept for the next time.
+            known = self.revalidate
+            return Fetched({a: known.digests[a] for a in self.algorithms},
+                           etag=known.etag, last_modified=known.last_modified,
+                           not_modified=True)
         if response is None or response.code == 599 or not self._hashing:
             await self.sink.discard()
             host = host_of(response.effective_url if response and response.effective_url
@@ -300,7 +307,7 @@ class Download:
         return self._checked(await self.sink.hexdigests())
 
     def _validators(self) -> tuple[str | None, str | None]:
-        return self._headers.get("ETag"), self._headers.get("Last-Modified")
+        return strong_validators(self._headers)
 
     def _checked(self, digests: dict[str, str]) -> Fetched:
         etag, modified = self._validators()

@@ -63,14 +63,26 @@ class KnownFile:
         return (now - self.at).total_seconds()
 
     def conditional_headers(self) -> dict[str, str]:
-        """The request headers that let the server answer 304 Not Modified
-        (a weak ETag is fine here: RFC 9110 compares weakly for GET)."""
+        """The request headers that let the server answer 304 Not Modified.
+        Strong validators only (records keep no others; older records may
+        hold a weak ETag, which is not sent): a 304 then promises the same
+        bytes, not merely the same meaning, and the digests still hold."""
         headers = {}
-        if self.etag:
+        if self.etag and not self.etag.startswith("W/"):
             headers["If-None-Match"] = self.etag
         if self.last_modified:
             headers["If-Modified-Since"] = self.last_modified
         return headers
+
+    def confirmed_by(self, headers: Any) -> bool:
+        """Whether a 304 names the version the digests are of: it must
+        repeat the validator asked with (RFC 9110 15.4.5 has a 304 send the
+        ETag a 200 would), compared strongly. In doubt, download again."""
+        asked = self.conditional_headers()
+        if "If-None-Match" in asked:
+            return headers.get("ETag", "").strip() == self.etag
+        modified = headers.get("Last-Modified", "").strip()
+        return "If-Modified-Since" in asked and modified == self.last_modified
 
     def to_doc(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
