@@ -42,7 +42,8 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
     submissions = Submissions(store, admission, policy, config.mail_enabled, wake,
                               coalesce=config.coalesce,
-                              webhooks=config.webhook_secret is not None)
+                              webhooks=config.webhook_secret is not None,
+                              max_connections=config.max_connections)
     manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
     answers = answers if answers is not None else CheckAnswers()
     streams = dict(limit=StreamLimit(config.max_streams_per_client),

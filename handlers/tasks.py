@@ -42,7 +42,8 @@ class SubmitHandler(JsonHandler):
                 self.request.headers.get("Idempotency-Key"), caller.client,
                 algorithms=args.get("algorithms", []), expected=self.one(args, "expected"),
                 callback_url=self.one(args, "callback_url"),
-                max_age=self.one(args, "max_age"), owner=caller.key_id),
+                max_age=self.one(args, "max_age"), owner=caller.key_id,
+                connections=self.one(args, "connections")),
                 patience=SUBMIT_PATIENCE)
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})

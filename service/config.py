@@ -164,6 +164,24 @@ class Config:
     resumable_min_size: int = _field("RESUMABLE_MIN_SIZE", 1024**3, parse_size,
                                      "downloads larger than this are checkpointed and "
                                      "resume where they stopped; smaller ones start over")
+    # Segmented downloads (fetch/segments.py): several ranged connections
+    # to one server, hashed in order. Below SEGMENT_MIN_SIZE one connection
+    # ends within a few seconds even at the 16 MB/s a far server allows,
+    # and a probe and extra connections would cost more than they win.
+    segment_min_size: int = _field("SEGMENT_MIN_SIZE", 64 * 1024**2, parse_size,
+                                   "files at least this large are fetched over several "
+                                   "ranged connections when the server allows it")
+    connections_per_download: int = _field("CONNECTIONS_PER_DOWNLOAD", 4, int,
+                                           "ranged connections per segmented download (the "
+                                           "'connections' submit parameter changes it)")
+    max_connections: int = _field("MAX_CONNECTIONS", 16, int,
+                                  "the most 'connections' a submit may ask for")
+    max_connections_per_host: int = _field("MAX_CONNECTIONS_PER_HOST", 8, int,
+                                           "extra ranged connections one worker opens to one "
+                                           "host across its downloads (the first of each "
+                                           "download is not counted)")
+    segment_window: int = _field("SEGMENT_WINDOW", 64 * 1024**2, parse_size,
+                                 "bytes a segmented download may hold ahead of its hashing")
     webhook_secret: str | None = _field("WEBHOOK_SECRET", None, str,
                                         "signs webhooks (Standard Webhooks): whsec_ and the "
                                         "base64 of 24 to 64 random bytes; unset: callback_url "
@@ -268,6 +286,11 @@ def _check(config: Config) -> None:
         problems.append("TASK_TTL_DAYS must be positive")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    if not 1 <= config.connections_per_download <= config.max_connections:
+        problems.append("CONNECTIONS_PER_DOWNLOAD must be from 1 to MAX_CONNECTIONS")
+    if config.max_connections_per_host < 0 or config.segment_window < 2**20:
+        problems.append("MAX_CONNECTIONS_PER_HOST must be 0 or more, SEGMENT_WINDOW 1 MiB or "
+                        "more")
     if config.checkpoint_interval < 1:
         problems.append("CHECKPOINT_INTERVAL must be at least 1 byte")
     for name in ("max_pending_per_client", "max_queued", "max_connections_per_client"):

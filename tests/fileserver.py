@@ -249,6 +249,7 @@ def make_app() -> web.Application:
         (r"/claims/(\d+)", ClaimsHandler),
         (r"/range/([\w-]+)/(\d+)", RangeHandler),
         (r"/versioned/([\w-]+)/(\d+)", VersionedHandler),
+        (r"/pieces/([\w-]+)/(\d+)", PiecesHandler),
     ])
 
 
@@ -480,6 +481,85 @@ class RangeHandler(_Base):
                     await asyncio.sleep(delay)
         except StreamClosedError:
             pass
+
+
+class PiecesHandler(_Base):
+    """/pieces/<key>/<size>: a file served in ranges (``bytes=a-b`` and
+    ``bytes=a-``) with If-Range, as a segmented download asks for it.
+    Records per key every request (``PiecesHandler.requests[key]``: range,
+    if_range, status, sent, peer) and the most ranged requests at once
+    (``busiest[key]``).
+
+    ?rate=N: bytes a second per connection; ?refuse=N: a 503 to a request
+    when N are already running; ?change=N: from the N+1-th request on the
+    file is another version (other bytes and ETag) and If-Range is ignored
+    (?honest=1: honoured); ?noranges=1: a 200 to every ranged request;
+    ?accept=0: no Accept-Ranges header; ?validator=etag|weak|none."""
+
+    requests: dict[str, list[dict]] = {}
+    running: dict[str, int] = {}
+    busiest: dict[str, int] = {}
+
+    async def get(self, key: str, size: str) -> None:
+        log = self.requests.setdefault(key, [])
+        n = int(size)
+        version = 1 if len(log) >= int(self.get_argument("change", "1000000")) else 0
+        record = {"range": self.request.headers.get("Range"),
+                  "if_range": self.request.headers.get("If-Range"), "status": 200,
+                  "sent": 0, "peer": self.request.remote_ip}
+        log.append(record)
+        refuse = int(self.get_argument("refuse", "0"))
+        if refuse and self.running.get(key, 0) >= refuse:
+            record["status"] = 503
+            self.set_status(503)
+            self.set_header("Retry-After", "1")
+            self.finish("busy")
+            return
+        kind = self.get_argument("validator", "etag")
+        etag = {"etag": f'"p{version}-{n}"', "weak": f'W/"p{version}-{n}"'}.get(kind)
+        if etag:
+            self.set_header("ETag", etag)
+        if self.get_argument("accept", "1") == "1":
+            self.set_header("Accept-Ranges", "bytes")
+        first, last = 0, n - 1
+        wanted = record["range"]
+        honoured = not self.get_argument("noranges", None) and wanted is not None and (
+            record["if_range"] is None or record["if_range"] == etag
+            or (version and not self.get_argument("honest", None)))
+        if honoured:
+            spec = wanted.removeprefix("bytes=")
+            a, _, b = spec.partition("-")
+            first, last = int(a), (int(b) if b else n - 1)
+            record["status"] = 206
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {first}-{last}/{n}")
+        self.set_header("Content-Length", str(last - first + 1))
+        data = body(n, self.seed() + version)[first:last + 1]
+        rate = float(self.get_argument("rate", "0"))
+        counted = record["range"] is not None
+        self.running[key] = self.running.get(key, 0) + counted
+        self.busiest[key] = max(self.busiest.get(key, 0), self.running[key])
+        try:
+            step = 64 * 1024
+            started = time.monotonic()
+            for i in range(0, len(data), step):
+                self.write(data[i:i + step])
+                if i + step >= len(data):
+                    # Done sending: the client may ask for its next piece
+                    # before this flush returns; count it ended now.
+                    self.running[key] -= counted
+                    counted = False
+                await self.flush()
+                record["sent"] += min(step, len(data) - i)
+                if rate:
+                    ahead = record["sent"] / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+            self.finish()
+        except StreamClosedError:
+            pass
+        finally:
+            self.running[key] -= counted
 
 
 class VersionedHandler(_Base):

@@ -26,7 +26,9 @@ def make_client(config: Config) -> AsyncHTTPClient:
     # max_body_size is left unbounded: the Download enforces MAX_FILE_SIZE
     # itself, so that hitting it reads as "too large" and not as a dropped
     # connection, whatever the framing (length, chunked, until close).
-    return hooks.make_client(resolver, config.concurrency, MAX_HEADER_SIZE)
+    # Segmented downloads open more than one connection each.
+    return hooks.make_client(resolver, config.concurrency * config.max_connections,
+                             MAX_HEADER_SIZE)
 
 
 def host_of(url: str) -> str:

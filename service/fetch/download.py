@@ -18,6 +18,12 @@ A download larger than RESUMABLE_MIN_SIZE is checkpointed as it goes, and
 a retry resumes from its task's checkpoint (``resume``): ``bytes_done``
 counts the file's bytes from offset 0 (the resumed ones included), and
 ``fetched`` what this attempt actually received.
+
+A download of at least SEGMENT_MIN_SIZE whose first answer allows ranges
+(``Accept-Ranges: bytes`` or a 206, a strong validator, a length) goes on
+over several ranged connections (``segments``), hashed in order and
+checkpointed at its hashing front whatever its size: its first request is
+closed at its headers and the file fetched as pieces from then on.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ from tornado.iostream import IOStream
 from service.config import Config, human_size
 from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
-from service.fetch.checkpoint import Checkpoint, strong_validators
+from service.fetch.checkpoint import Checkpoint, strong_validators, validator
 from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
 from service.fetch.resume import Answer, Resumer
+from service.fetch.segments import HostSlots, Plan, RangesRefused, Segments
 from service.fetch.server_claims import Claim
 from service.model.digests import ALWAYS, ServerDigest
 from service.model.numbers import whole_number
@@ -72,13 +79,27 @@ class _StartOver(Interrupted):
     """The answer to a range request cannot be used: fetch from byte 0."""
 
 
+class _Segment(Interrupted):
+    """The first answer allows ranges: go on over several connections."""
+
+
 class Download:
     """One fetch of one URL into its digests."""
 
     def __init__(self, url: str, config: Config, client: AsyncHTTPClient,
                  executor: Executor | None, algorithms: list[str] | None = None,
-                 checkpoint: Checkpoint | None = None, revalidate: KnownFile | None = None):
+                 checkpoint: Checkpoint | None = None, revalidate: KnownFile | None = None,
+                 connections: int | None = None, slots: HostSlots | None = None):
         self.url = url
+        # Segmented downloads need the worker's per-host budget (``slots``).
+        self.connections = (connections or config.connections_per_download) if slots else 1
+        self.slots = slots
+        self.segments: Segments | None = None
+        # Why this download runs over one connection (None: it does not, or
+        # it is not decided yet).
+        self.single_why: str | None = None
+        # The address each host's first connection went to (segments pin to it).
+        self.pins: dict[str, tuple[int, str]] = {}
         # Asked with If-None-Match / If-Modified-Since (never together with
         # a resumed range: a checkpoint is newer knowledge than the cache).
         self.revalidate = revalidate if checkpoint is None else None
@@ -112,8 +133,14 @@ class Download:
 
     # -- control ----------------------------------------------------------
 
-    def attach(self, stream: IOStream) -> None:
+    def attach(self, stream: IOStream, host: str | None = None) -> None:
         self._stream = stream
+        if host and stream.socket is not None:
+            try:
+                peer = stream.socket.getpeername()[0]
+                self.pins.setdefault(host.lower(), (stream.socket.family, peer))
+            except OSError:
+                pass
         if self.error is not None:
             stream.close()
 
@@ -123,6 +150,8 @@ class Download:
             self.error = error
         if self._stream is not None:
             self._stream.close()
+        if self.segments is not None:
+            self.segments.abort(self.error)
         # Closing the stream normally ends the fetch at once; should the
         # HTTP client still not resolve it, stop waiting for it.
         if self._gave_up is not None and not self._gave_up.done():
@@ -154,7 +183,12 @@ class Download:
         return self.resume.due(self.sink) if due else self.resume.latest(self.sink)
 
     def progress(self) -> dict[str, Any]:
-        return self.resume.progress(self.fetched)
+        shown = self.resume.progress(self.fetched)
+        segments = self.segments
+        shown["connections"] = {
+            "used": segments.used if segments else 1, "asked": self.connections,
+            "why_fewer": segments.why_fewer if segments else self.single_why}
+        return shown
 
     # -- Tornado callbacks -----------------------------------------------
 
@@ -198,6 +232,7 @@ class Download:
             self.bytes_done, self.bytes_total = self.sink.hashed, total
             self._mark = (time.monotonic(), self.bytes_done)
             self._hashing = True
+            self._maybe_segment(total, ranges=True)
             return
         if status in _FOLLOWED and "Location" in self._headers:
             self.abort(FetchError(
@@ -221,8 +256,37 @@ class Download:
                                         self.sink.algorithms)
         if self.claim is not None:
             self.sink.add(self.claim.checksum.algorithm)
-        self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim)
+        segmented = self._segmentable(self.bytes_total)
+        self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim,
+                          any_size=segmented)
         self._hashing = True
+        if segmented:
+            self._maybe_segment(self.bytes_total or 0, ranges=True)
+
+    def _segmentable(self, total: int | None) -> bool:
+        """Whether this first answer allows a segmented download; if not,
+        and more than one connection was wanted, ``single_why`` says why."""
+        if self.connections <= 1:
+            return False
+        headers = self._headers
+        why = None
+        if total is None:
+            why = "the server did not announce the file's length"
+        elif total < self.config.segment_min_size:
+            why = "the file is smaller than SEGMENT_MIN_SIZE"
+        elif self._status != 206 and \
+                headers.get("Accept-Ranges", "").strip().lower() != "bytes":
+            why = "the server does not announce Accept-Ranges: bytes"
+        elif validator(headers) is None:
+            why = ("the server sent no strong ETag nor Last-Modified, so pieces could not "
+                   "be told to be of one version")
+        self.single_why = why
+        return why is None
+
+    def _maybe_segment(self, total: int, ranges: bool) -> None:
+        if not self._segmentable(total) or self.sink.hashed >= total:
+            return
+        self.abort(_Segment("the server allows ranges: going on over several connections"))
 
     def _on_chunk(self, chunk: bytes):
         if not self._hashing or self.error is not None:
@@ -244,10 +308,53 @@ class Download:
     async def run(self) -> Fetched:
         """The digests of the body, or FetchError."""
         try:
-            return await self._run_once()
-        except _StartOver:
-            self._begin()
-            return await self._run_once()
+            try:
+                return await self._run_once()
+            except _StartOver:
+                self._begin()
+                return await self._run_once()
+        except _Segment:
+            self.error = None
+            try:
+                return await self._run_segmented()
+            except RangesRefused:
+                # Ranges are not honoured after all: one plain request,
+                # hashed from byte 0 with fresh hashers.
+                self.segments, self.error = None, None
+                self.single_why = ("the server answered ranged requests with the whole file; "
+                                   "fetched over one connection from the start")
+                self.connections = 1
+                self.resume.forget()
+                self._begin()
+                return await self._run_once()
+
+    async def _run_segmented(self) -> Fetched:
+        total = self.bytes_total
+        assert total is not None
+        plan = Plan(self.url, validator(self._headers) or "", total, self.connections,
+                    USER_AGENT, self.config.max_redirects)
+        assert self.slots is not None and plan.validator
+        self.segments = segments = Segments(plan, self.sink, self.client, self.config,
+                                            self.slots, self.pins, self._on_piece_bytes)
+        self.bytes_done = self.sink.hashed
+        self._mark = (time.monotonic(), self.bytes_done)
+        watchdog = PeriodicCallback(self._watch, 1000)
+        watchdog.start()
+        try:
+            await segments.run()
+        except BaseException:
+            await self.sink.discard()
+            raise
+        finally:
+            watchdog.stop()
+            self.bytes_done = segments.front
+        return self._checked(await self.sink.hexdigests())
+
+    def _on_piece_bytes(self, n: int) -> None:
+        self.fetched += n
+        self.last_progress = time.monotonic()
+        if self.segments is not None:
+            self.bytes_done = self.segments.front
 
     async def _run_once(self) -> Fetched:
         request = HTTPRequest(

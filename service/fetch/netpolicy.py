@@ -8,6 +8,7 @@ again. Submit-time checks only catch IP literals early, for a clearer 400.
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -163,6 +164,12 @@ class AddressPolicy:
         return is_public(ip)
 
 
+# Where a segmented download's further connections go: the address its
+# first request connected to, by host (set around those requests only).
+PINNED: contextvars.ContextVar[dict[str, tuple[int, str]] | None] = contextvars.ContextVar(
+    "md5light_pinned", default=None)
+
+
 class FilteringResolver(Resolver):
     """Resolves like the default resolver, then drops every address the
     policy forbids; if none is left the connection is refused."""
@@ -178,6 +185,12 @@ class FilteringResolver(Resolver):
 
     async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC):
         host = readable_host(host)
+        pinned = (PINNED.get() or {}).get(host.lower())
+        if pinned is not None and self.policy.allows(ipaddress.ip_address(pinned[1])):
+            where = pinned[1]
+            if pinned[0] == socket.AF_INET6:
+                return [(socket.AF_INET6, (where, port, 0, 0))]
+            return [(socket.AF_INET, (where, port))]
         target = self.overrides.get(host.lower(), host)
         try:
             target = target.encode("idna").decode("ascii")

@@ -86,6 +86,10 @@ class Resumer:
             return Answer.FRESH
         return Answer.OTHER
 
+    def forget(self) -> None:
+        """Offer no checkpoint from here on: the next request is from byte 0."""
+        self.offered = self.saved = None
+
     def _start_over(self, why: str) -> Answer:
         self.offered = self.saved = None
         self.started_over = why
@@ -107,9 +111,11 @@ class Resumer:
         return self._claim, offered.total
 
     def begin(self, sink: DigestSink, total: int | None, headers: HTTPHeaders,
-              claim: Claim | None) -> None:
-        """A body from byte 0: checkpoint it if it is worth it and possible."""
-        self.note = why_not(sink.algorithms, total, headers, self.config.resumable_min_size)
+              claim: Claim | None, any_size: bool = False) -> None:
+        """A body from byte 0: checkpoint it if it is worth it and possible
+        (``any_size``: whatever its size, as a segmented download is)."""
+        self.note = why_not(sink.algorithms, total, headers,
+                            0 if any_size else self.config.resumable_min_size)
         if self.note is None:
             self._validator, self._total, self._claim = validator(headers), total, claim
             sink.make_resumable()

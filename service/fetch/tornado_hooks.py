@@ -264,7 +264,7 @@ class TrackingTCPClient(TCPClient):
         stream.read_chunk_size = SOCKET_READ
         owner = self.current.get()
         if owner is not None:
-            owner.attach(stream)
+            owner.attach(stream, args[0] if args else kwargs.get("host"))
         return stream
 
 

@@ -12,6 +12,7 @@ from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission, Verdict
 from service.intake.validation import (
     check_callback_url,
+    check_connections,
     check_digests,
     check_email,
     check_idempotency_key,
@@ -33,8 +34,9 @@ class Accepted:
 class Submissions:
     def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
                  mail_enabled: bool, wake: Callable[[], None], coalesce: bool = True,
-                 webhooks: bool = False):
+                 webhooks: bool = False, max_connections: int = 16):
         self.store = store
+        self.max_connections = max_connections
         self.coalesce = coalesce
         # Whether callback_url is taken: only with a secret to sign with.
         self.webhooks = webhooks
@@ -47,12 +49,14 @@ class Submissions:
                      client: str, algorithms: list[str] | None = None,
                      expected: str | None = None,
                      callback_url: str | None = None,
-                     max_age: str | None = None, owner: str | None = None) -> Accepted:
+                     max_age: str | None = None, owner: str | None = None,
+                     connections: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
         wanted, checksum = check_digests(algorithms or [], expected)
         task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
                         client=client, owner=owner, algorithms=wanted, expected=checksum,
+                        connections=check_connections(connections, self.max_connections),
                         callback_url=check_callback_url(callback_url, self.policy,
                                                         self.webhooks))
         key = check_idempotency_key(idempotency_key)

@@ -115,6 +115,17 @@ def check_max_age(value: str | None) -> int:
     return seconds
 
 
+def check_connections(value: str | None, most: int) -> int | None:
+    """``connections``: ranged connections for a big file, 1 to ``most``
+    (MAX_CONNECTIONS); None: the service's default."""
+    if value is None or value == "":
+        return None
+    number = whole_number(value.strip())
+    if number is None or not 1 <= number <= most:
+        raise InvalidInput(f"connections must be a whole number from 1 to {most}")
+    return number
+
+
 def check_idempotency_key(key: str | None) -> str | None:
     if key is None or key == "":
         return None

@@ -179,6 +179,9 @@ class Task:
     # The API key that submitted it (service.model.keys), or None. Stored
     # only when set: the sparse list_owner index then holds keyed tasks only.
     owner: str | None = None
+    # Ranged connections asked for (None: CONNECTIONS_PER_DOWNLOAD); stored
+    # only when set.
+    connections: int | None = None
     # The fairness lane, from how many unfinished tasks its client had
     # when it was submitted (see storage.queue_scan).
     lane: int = 0
@@ -204,10 +207,10 @@ class Task:
     def new(cls, url: str, email: str | None, mail_enabled: bool,
             client: str | None = None, algorithms: list[str] | None = None,
             expected: Checksum | None = None, callback_url: str | None = None,
-            owner: str | None = None) -> Task:
+            owner: str | None = None, connections: int | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
-        task = cls(url=url, email=email, client=client, owner=owner,
+        task = cls(url=url, email=email, client=client, owner=owner, connections=connections,
                    notification=Notification(note),
                    algorithms=list(algorithms or [ALWAYS]), expected=expected,
                    callback=Callback(callback_url) if callback_url else None)
@@ -249,6 +252,7 @@ class Task:
             "bytes_fetched": self.bytes_fetched,
             "callback": self.callback.to_doc() if self.callback else None,
             **({"owner": self.owner} if self.owner else {}),
+            **({"connections": self.connections} if self.connections else {}),
         }
 
     @classmethod
@@ -271,6 +275,7 @@ class Task:
             attempts=doc.get("attempts", 0), lease_until=doc.get("lease_until"),
             worker=doc.get("worker"), claim=doc.get("claim"), claimed_at=doc.get("claimed_at"),
             client=doc.get("client"), owner=doc.get("owner"),
+            connections=doc.get("connections"),
             lane=doc.get("lane", 0),
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),

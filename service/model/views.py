@@ -99,7 +99,8 @@ def _resume_view(task: Task) -> dict[str, Any]:
     return {"bytes_fetched": task.bytes_fetched + (attempt.get("fetched") or 0),
             "resumed_from": attempt.get("resumed_from"),
             "checkpoint_offset": checkpoint.get("offset"),
-            "resume_note": attempt.get("note")}
+            "resume_note": attempt.get("note"),
+            "connections": attempt.get("connections")}
 
 
 def _finished_by(task: Task) -> str | None:

@@ -25,6 +25,7 @@ from service.config import Config
 from service.fetch.checkpoint import Checkpoint
 from service.fetch.client import make_client
 from service.fetch.download import Download, FetchError, Interrupted
+from service.fetch.segments import HostSlots
 from service.model.task import Task
 from service.notify.mailer import Mailer
 from service.redact import safe_url
@@ -67,6 +68,8 @@ class Worker:
         self.store = store
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.client = make_client(config)
+        # Extra ranged connections per host, across this worker's downloads.
+        self.host_slots = HostSlots(config.max_connections_per_host)
         self.hash_executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
                                                 thread_name_prefix="md5")
         mailer = Mailer(config, ThreadPoolExecutor(max_workers=4, thread_name_prefix="smtp"))
@@ -164,7 +167,8 @@ class Worker:
     def _start(self, task: Task) -> None:
         download = Download(task.url, self.config, self.client, self.hash_executor,
                             task.algorithms, Checkpoint.from_doc(task.checkpoint),
-                            revalidate=task.revalidate)
+                            revalidate=task.revalidate, connections=task.connections,
+                            slots=self.host_slots)
         self.active[task.id] = (task, download)
         self._claimed[task.id] = loop_time()
         job = asyncio.create_task(self._process(task, download))

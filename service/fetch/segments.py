@@ -1,0 +1,436 @@
+"""Several ranged connections to one server, hashed strictly in order.
+
+A far server or one that caps each connection's rate is faster over
+several connections (aria2's ``-x``/``-s``); MD5 cannot be split, so the
+pieces are hashed in file order. The file from the hashed offset on is cut
+into pieces; each connection fetches the next piece not taken with
+``Range: bytes=a-b`` and ``If-Range: <validator>``. Bytes of the piece at
+the hashing front go to the digests as they arrive; bytes of later pieces
+wait in memory (never on disk), at most ``SEGMENT_WINDOW`` ahead of the
+front: a connection does not start a piece beyond the window, and one whose
+bytes would overfill it pauses reading (TCP then slows the server), so the
+fastest connections wait, never the hashing.
+
+Every answer must be a 206 for exactly the piece (``Content-Range`` of
+the same length) under the validator of the first answer (the same strong
+ETag, or Last-Modified): anything else is another version of the file, or
+none, and ends the download as ``changed`` (retried; the next attempt
+starts over, as the checkpoint's validator no longer holds). Bytes of two
+versions are never hashed together.
+
+Servers that say no are followed, not fought: a 429 or 503 (or a refused
+connection) on an extra connection retires that connection and its piece
+goes to the others, down to one; ``why_fewer`` says why. A 200 to a
+ranged request under the same validator means ranges are not honoured
+after all (``RangesRefused``: the download goes on with one plain
+request). Every connection resolves to the address the first request used
+(``netpolicy.PINNED``), so all pieces come from the server the policy
+checked first. A per-host budget (``HostSlots``) bounds a worker's extra
+connections to one host across its downloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any
+
+from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.iostream import IOStream
+
+from service.config import Config
+from service.fetch import netpolicy
+from service.fetch import tornado_hooks as hooks
+from service.fetch.client import host_of, retry_after_seconds
+from service.fetch.errors import FetchError, Interrupted, classify
+from service.fetch.hashing import DigestSink
+
+PIECE_MIN, PIECE_MAX = 1024**2, 16 * 1024**2
+# Failed tries of pieces in a row (any connection) before the attempt fails.
+MAX_FAILURES = 6
+_REFUSING = {429, 503}
+
+
+class RangesRefused(Exception):
+    """The server answered a ranged request with the whole file under the
+    same validator: it does not honour ranges for us."""
+
+
+class _Retire(Exception):
+    """This connection stops (the server refused it); its piece goes to the
+    others. ``retry_after``: the server's Retry-After, if it said one."""
+
+    def __init__(self, why: str, retry_after: float | None = None):
+        super().__init__(why)
+        self.why = why
+        self.retry_after = retry_after
+
+
+class _Again(Exception):
+    """This try of a piece failed in a way another try may not."""
+
+
+@dataclasses.dataclass
+class Plan:
+    url: str
+    # What each piece's answer must carry: a strong ETag or Last-Modified.
+    validator: str
+    total: int
+    connections: int
+    user_agent: str
+    max_redirects: int
+
+
+class HostSlots:
+    """Extra connections per host across one worker's downloads: twenty
+    downloads from one server do not open eighty connections to it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._used: dict[str, int] = {}
+
+    def take(self, host: str) -> bool:
+        if self._used.get(host, 0) >= self.limit:
+            return False
+        self._used[host] = self._used.get(host, 0) + 1
+        return True
+
+    def give(self, host: str) -> None:
+        left = self._used.get(host, 0) - 1
+        if left > 0:
+            self._used[host] = left
+        else:
+            self._used.pop(host, None)
+
+
+class _Piece:
+    __slots__ = ("start", "end", "next", "buffer")
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.next = start  # bytes [start, next) have arrived
+        self.buffer = bytearray()
+
+    def __lt__(self, other: _Piece) -> bool:
+        return self.start < other.start
+
+
+class _Exchange:
+    """One ranged request: what the TCP client and the resolver need to
+    know of it (its stream, to close it; the pinned addresses)."""
+
+    def __init__(self, pins: dict[str, Any]):
+        self.pins = pins
+        self.stream: IOStream | None = None
+        self.closed_why: BaseException | None = None
+        self.last_progress = time.monotonic()
+        # Waiting for room in the window: quiet on purpose, not stalled.
+        self.paused = False
+
+    def attach(self, stream: IOStream, host: str | None = None) -> None:
+        self.stream = stream
+        if self.closed_why is not None:
+            stream.close()
+
+    def close(self, why: BaseException) -> None:
+        if self.closed_why is None:
+            self.closed_why = why
+        if self.stream is not None:
+            self.stream.close()
+
+
+class Segments:
+    """Fetch [sink.hashed, total) over ``plan.connections`` connections."""
+
+    def __init__(self, plan: Plan, sink: DigestSink, client: AsyncHTTPClient, config: Config,
+                 slots: HostSlots, pins: dict[str, Any], on_bytes: Any):
+        self.plan, self.sink, self.client, self.config = plan, sink, client, config
+        self.slots, self.pins, self.on_bytes = slots, pins, on_bytes
+        self.host = host_of(plan.url)
+        self.front = sink.hashed
+        self.piece_size = max(PIECE_MIN, min(PIECE_MAX,
+                                             config.segment_window // (2 * plan.connections)))
+        self._next_start = self.front
+        self._order: deque[_Piece] = deque()   # pieces not wholly hashed, in file order
+        self._requeued: list[_Piece] = []      # heap: pieces a failed try gave back
+        self._buffered = 0
+        self._changed = asyncio.Event()
+        self._exchanges: set[_Exchange] = set()
+        self._failures = 0
+        self.error: BaseException | None = None
+        # What /tasks/<id> shows: how many connections ran, and why fewer.
+        self.used = 0
+        self.alive = 0
+        self.why_fewer: str | None = None
+
+    # -- control -----------------------------------------------------------
+
+    def abort(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        for exchange in list(self._exchanges):
+            exchange.close(error)
+        self._pulse()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _fewer(self, why: str) -> None:
+        if self.why_fewer is None:
+            self.why_fewer = why
+
+    # -- the run -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Return once every byte up to ``total`` is hashed; raise what
+        stopped it (FetchError, Interrupted, RangesRefused)."""
+        jobs = [asyncio.ensure_future(self._connection(i)) for i in range(self.plan.connections)]
+        watchdog = asyncio.ensure_future(self._watch())
+        try:
+            while self.front < self.plan.total and self.error is None \
+                    and any(not job.done() for job in jobs):
+                await self._changed.wait()
+        finally:
+            if self.error is None and self.front < self.plan.total:
+                self.abort(FetchError("connection", f"no connection to {self.host} is left", True))
+            elif self.front >= self.plan.total and self.error is None:
+                self._pulse()
+            watchdog.cancel()
+            for job in jobs:
+                if not job.done():
+                    job.cancel()
+            await asyncio.gather(*jobs, watchdog, return_exceptions=True)
+        if self.error is not None:
+            raise self.error
+
+    async def _connection(self, index: int) -> None:
+        extra = index > 0
+        if extra and not self.slots.take(self.host):
+            self._fewer(f"{self.slots.limit} connections to {self.host} were in use by other "
+                        "downloads (MAX_CONNECTIONS_PER_HOST)")
+            return
+        self.alive += 1
+        self.used = max(self.used, self.alive)
+        try:
+            while True:
+                piece = await self._take()
+                if piece is None:
+                    return
+                try:
+                    await self._fetch(piece)
+                    self._failures = 0
+                except _Retire as exc:
+                    self._give_back(piece)
+                    if self.alive > 1:
+                        self._fewer(exc.why)
+                        return
+                    await self._failed(exc.why, exc.retry_after)
+                except _Again as exc:
+                    self._give_back(piece)
+                    await self._failed(str(exc), None)
+        except BaseException as exc:  # noqa: BLE001 - every end is the run's to report
+            if not isinstance(exc, asyncio.CancelledError):
+                self.abort(exc)
+            raise
+        finally:
+            self.alive -= 1
+            if extra:
+                self.slots.give(self.host)
+            self._pulse()
+
+    async def _failed(self, why: str, retry_after: float | None) -> None:
+        self._failures += 1
+        if self._failures > MAX_FAILURES:
+            raise FetchError("connection", f"{self.host}: {why} ({MAX_FAILURES} tries of a "
+                             "piece failed in a row)", True, retry_after)
+        await asyncio.sleep(min(5.0, retry_after if retry_after is not None
+                                else 0.2 * self._failures))
+
+    async def _take(self) -> _Piece | None:
+        """The next piece for a free connection: one a failed try gave back,
+        else the next in file order once it fits in the window."""
+        while self.error is None:
+            if self._requeued:
+                return heapq.heappop(self._requeued)
+            if self._next_start >= self.plan.total:
+                return None
+            end = min(self._next_start + self.piece_size, self.plan.total)
+            if end - self.front <= self.config.segment_window or not self._order:
+                piece = _Piece(self._next_start, end)
+                self._next_start = end
+                self._order.append(piece)
+                return piece
+            await self._changed.wait()
+        return None
+
+    def _give_back(self, piece: _Piece) -> None:
+        if piece.next < piece.end:
+            heapq.heappush(self._requeued, piece)
+        self._pulse()
+
+    # -- one piece ---------------------------------------------------------
+
+    async def _fetch(self, piece: _Piece) -> None:
+        exchange = _Exchange(self.pins)
+        head: dict[str, Any] = {"status": None, "headers": httputil.HTTPHeaders()}
+        want = f"bytes {piece.next}-{piece.end - 1}/{self.plan.total}"
+
+        def on_header(line: str) -> None:
+            if line.startswith("HTTP/"):
+                start = httputil.parse_response_start_line(line.strip())
+                head["status"], head["headers"] = start.code, httputil.HTTPHeaders()
+            elif line == "\r\n":
+                if head["status"] is not None and 100 <= head["status"] < 200:
+                    head["status"] = None
+                elif head["status"] is not None:
+                    problem = self._judge(head["status"], head["headers"], want)
+                    if problem is not None:
+                        exchange.close(problem)
+            elif head["status"] is not None:
+                head["headers"].parse_line(line)
+
+        def on_chunk(chunk: bytes) -> Any:
+            if exchange.closed_why is not None or self.error is not None:
+                return None
+            exchange.last_progress = time.monotonic()
+            if piece.next + len(chunk) > piece.end:
+                exchange.close(FetchError("changed", f"{self.host} sent more than the range "
+                                          "it was asked for", True))
+                return None
+            return self._deliver(piece, chunk, exchange)
+
+        request = HTTPRequest(
+            self.plan.url, method="GET",
+            headers={"Accept-Encoding": "identity", "Accept": "*/*",
+                     "Range": f"bytes={piece.next}-{piece.end - 1}",
+                     "If-Range": self.plan.validator},
+            user_agent=self.plan.user_agent, follow_redirects=True,
+            max_redirects=self.plan.max_redirects, decompress_response=False,
+            connect_timeout=self.config.connect_timeout, request_timeout=0,
+            header_callback=on_header, streaming_callback=on_chunk)
+        self._exchanges.add(exchange)
+        owner = hooks.TrackingTCPClient.current.set(exchange)
+        pinned = netpolicy.PINNED.set(self.pins)
+        try:
+            fetch = asyncio.ensure_future(self.client.fetch(request, raise_error=False))
+        finally:
+            hooks.TrackingTCPClient.current.reset(owner)
+            netpolicy.PINNED.reset(pinned)
+        try:
+            response = await fetch
+            error: BaseException | None = response.error
+        except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
+            error = exc
+        finally:
+            self._exchanges.discard(exchange)
+        if self.error is not None:
+            raise self.error
+        why = exchange.closed_why
+        if isinstance(why, (FetchError, Interrupted, RangesRefused, _Retire, _Again)):
+            raise why
+        if piece.next < piece.end:
+            if error is not None and head["status"] is None:
+                failure = classify(error, self.host, piece.next, self.config.connect_timeout)
+                if failure.code in ("connection", "refused", "timeout") and self.alive > 1:
+                    raise _Retire(f"{self.host} refused or dropped an extra connection "
+                                  f"({failure.message})")
+                if not failure.transient:
+                    raise failure
+                raise _Again(failure.message)
+            raise _Again(f"{self.host} sent {piece.next - piece.start} of the piece's "
+                         f"{piece.end - piece.start} bytes")
+
+    def _judge(self, status: int, headers: httputil.HTTPHeaders, want: str) -> BaseException | None:
+        """Why this answer cannot be used for the piece (None: it can)."""
+        if status in _REFUSING:
+            return _Retire(f"{self.host} answered an extra connection with {status}",
+                           retry_after_seconds(headers.get("Retry-After")))
+        same = _validator_of(headers, self.plan.validator) == self.plan.validator
+        if status == 200 and same:
+            return RangesRefused()
+        if status == 206 and same and headers.get("Content-Range", "").strip() == want:
+            return None
+        if status in (200, 206, 416):
+            got = headers.get("Content-Range", "").strip() or "none"
+            return FetchError("changed", (
+                f"the file at {self.host} changed during the download (a piece came back "
+                f"with status {status}, Content-Range {got} and validator "
+                f"{_validator_of(headers, self.plan.validator) or 'none'}, not "
+                f"{self.plan.validator}); it is fetched again from the start"), True)
+        if 500 <= status < 600 or status == 408:
+            return _Again(f"HTTP {status} from {self.host}")
+        return FetchError("http_status", f"HTTP {status} from {self.host} for a piece", False)
+
+    # -- in order ----------------------------------------------------------
+
+    def _deliver(self, piece: _Piece, chunk: bytes,
+                 exchange: _Exchange) -> Awaitable[object] | None:
+        piece.buffer += chunk
+        piece.next += len(chunk)
+        self._buffered += len(chunk)
+        self.on_bytes(len(chunk))
+        wait = self._advance()
+        if wait is not None:
+            return wait
+        if self._order and piece is not self._order[0] \
+                and self._buffered > self.config.segment_window:
+            return self._room(exchange)
+        return None
+
+    def _advance(self) -> Awaitable[object] | None:
+        """Hash what is contiguous at the front."""
+        waits = []
+        moved = False
+        while self._order:
+            head = self._order[0]
+            if head.buffer:
+                data = bytes(head.buffer)
+                head.buffer = bytearray()
+                self._buffered -= len(data)
+                wait = self.sink.feed(data)
+                if wait is not None:
+                    waits.append(wait)
+                self.front += len(data)
+                moved = True
+            if head.next < head.end:
+                break
+            self._order.popleft()
+        if moved:
+            self._pulse()
+        if not waits:
+            return None
+        return asyncio.gather(*waits)
+
+    async def _room(self, exchange: _Exchange) -> None:
+        exchange.paused = True
+        try:
+            while self._buffered > self.config.segment_window and self.error is None:
+                await self._changed.wait()
+        finally:
+            exchange.paused = False
+            exchange.last_progress = time.monotonic()
+
+    async def _watch(self) -> None:
+        """A piece with no bytes for half IDLE_TIMEOUT is dropped and
+        fetched again (from where it stopped), before the download's own
+        watchdog would give up on the whole attempt."""
+        limit = max(1.0, self.config.idle_timeout / 2)
+        while True:
+            await asyncio.sleep(min(1.0, limit / 2))
+            now = time.monotonic()
+            for exchange in list(self._exchanges):
+                if not exchange.paused and now - exchange.last_progress > limit:
+                    exchange.close(_Again(f"no data from {self.host} for {limit:g} s"))
+
+
+def _validator_of(headers: httputil.HTTPHeaders, like: str) -> str | None:
+    """The answer's validator of the kind the plan holds."""
+    if like.startswith('"'):
+        return headers.get("ETag", "").strip() or None
+    return headers.get("Last-Modified", "").strip() or None
