@@ -70,13 +70,16 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $@
 
 # Benchmarks (not part of `make test`): nginx from Debian serves the files,
-# Debian's redis-server backs the Celery yardstick (bench.compare). Each
+# Debian's redis-server backs the Celery yardstick (bench.compare), Debian's
+# aria2 is bench.segments' peer. Each
 # runs even when one before it failed; make bench fails if any did.
 bench: $(STAMP) $(BENCH_STAMP)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@# bench.segments compares against aria2c -x4 -s4 followed by md5sum.
+	@command -v aria2c >/dev/null || (apt-get update -qq && apt-get install -y -qq aria2)
 	@failed=""; \
-	for b in perf digests compare scaling; do \
+	for b in perf digests segments compare scaling; do \
 		$(BIN)/python -m bench.$$b || failed="$$failed bench.$$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
