@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -59,6 +60,10 @@ _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _FOLLOWED = {301, 302, 303, 307, 308}
 # How long an aborted fetch may take to wind down before it is given up.
 ABORT_GRACE = 2.0
+# A big download's first bytes are held, unhashed, while its rate is
+# measured: this much, or for this long, whichever comes first.
+MEASURE_BYTES = 8 * 1024 * 1024
+MEASURE_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -130,6 +135,12 @@ class Download:
         self._not_modified = False
         self._mark = (time.monotonic(), 0)
         self._gave_up: asyncio.Future | None = None
+        # While the first connection's rate is measured: when it began, the
+        # bytes held, and the resume.begin arguments of a body from byte 0.
+        self._measuring: float | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._fresh = False
 
     # -- control ----------------------------------------------------------
 
@@ -155,11 +166,9 @@ class Download:
         # Closing the stream normally ends the fetch at once; should the
         # HTTP client still not resolve it, stop waiting for it.
         if self._gave_up is not None and not self._gave_up.done():
-            asyncio.get_running_loop().call_later(ABORT_GRACE, self._give_up)
-
-    def _give_up(self) -> None:
-        if self._gave_up is not None and not self._gave_up.done():
-            self._gave_up.set_result(None)
+            # Bound to this request's future: a start over begins another
+            # request within the grace, which this must not cut short.
+            asyncio.get_running_loop().call_later(ABORT_GRACE, _give_up, self._gave_up)
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -232,7 +241,8 @@ class Download:
             self.bytes_done, self.bytes_total = self.sink.hashed, total
             self._mark = (time.monotonic(), self.bytes_done)
             self._hashing = True
-            self._maybe_segment(total, ranges=True)
+            if self._worth_measuring(total):
+                self._measuring = time.monotonic()
             return
         if status in _FOLLOWED and "Location" in self._headers:
             self.abort(FetchError(
@@ -256,12 +266,47 @@ class Download:
                                         self.sink.algorithms)
         if self.claim is not None:
             self.sink.add(self.claim.checksum.algorithm)
-        segmented = self._segmentable(self.bytes_total)
-        self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim,
-                          any_size=segmented)
         self._hashing = True
-        if segmented:
-            self._maybe_segment(self.bytes_total or 0, ranges=True)
+        if self._worth_measuring(self.bytes_total):
+            # Which hashers and how many connections depend on the link's
+            # rate, not on the size alone: decided in _decide.
+            self._measuring, self._fresh = time.monotonic(), True
+        else:
+            self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim)
+            self._segmentable(self.bytes_total)  # says why one connection, if asked for more
+
+    def _worth_measuring(self, total: int | None) -> bool:
+        """Whether a slow link would change how this download goes on: a big
+        file whose server allows ranges under a strong validator."""
+        return (total is not None and total >= self.config.segment_min_size
+                and (self._status == 206
+                     or self._headers.get("Accept-Ranges", "").strip().lower() != "none")
+                and validator(self._headers) is not None)
+
+    def _decide(self, last: bool = False) -> Awaitable[object] | None:
+        """The first connection's rate is known (``last``: the body ended
+        first). Below SEGMENT_MAX_RATE the link, not the machine, is the
+        limit: hash with the resumable hashers whatever the size (a crash
+        then costs a checkpoint's worth, not the file) and, where the server
+        allows, go on over several connections. At or above it, one
+        connection and hashlib on threads, as for any fast download."""
+        began = self._measuring or time.monotonic()
+        rate = self._held_bytes / max(time.monotonic() - began, 1e-6)
+        slow = rate < self.config.segment_max_rate and not last
+        self._measuring = None
+        if self._fresh:
+            self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim,
+                              any_size=slow)
+        waits = [w for w in (self.sink.feed(c) for c in self._held) if w is not None]
+        self._held, self._held_bytes = [], 0
+        segmentable = self.bytes_total is not None and self._segmentable(self.bytes_total)
+        if slow and segmentable and self.sink.hashed < (self.bytes_total or 0):
+            self.abort(_Segment("the link is slow and the server allows ranges: going on "
+                                "over several connections"))
+        elif segmentable and not slow:
+            self.single_why = (f"its first connection alone delivered {rate / 1e6:.0f} MB/s "
+                               f"(SEGMENT_MAX_RATE is {self.config.segment_max_rate / 1e6:.0f})")
+        return asyncio.gather(*waits) if waits else None
 
     def _segmentable(self, total: int | None) -> bool:
         """Whether this first answer allows a segmented download; if not,
@@ -283,11 +328,6 @@ class Download:
         self.single_why = why
         return why is None
 
-    def _maybe_segment(self, total: int, ranges: bool) -> None:
-        if not self._segmentable(total) or self.sink.hashed >= total:
-            return
-        self.abort(_Segment("the server allows ranges: going on over several connections"))
-
     def _on_chunk(self, chunk: bytes):
         if not self._hashing or self.error is not None:
             return None
@@ -296,6 +336,13 @@ class Download:
         self.last_progress = time.monotonic()
         if self.bytes_done > self.config.max_file_size:
             self.abort(self._too_large())
+            return None
+        if self._measuring is not None:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
+            if self._held_bytes >= MEASURE_BYTES \
+                    or time.monotonic() - self._measuring >= MEASURE_SECONDS:
+                return self._decide()
             return None
         return self.sink.feed(chunk)
 
@@ -406,6 +453,10 @@ class Download:
             host = host_of(response.effective_url if response and response.effective_url
                          else self.url)
             raise classify(fetch_exc, host, self.bytes_done, self.config.connect_timeout)
+        if self._measuring is not None:
+            wait = self._decide(last=True)
+            if wait is not None:
+                await wait
         if self.bytes_total is not None and self.bytes_done != self.bytes_total:
             await self.sink.discard()
             raise FetchError("truncated", (
@@ -430,6 +481,11 @@ class Download:
                 f"header says {server.algorithm} {server.value}, but the "
                 f"{self.bytes_done} bytes received hash to {digests[server.algorithm]}"))
         return fetched
+
+def _give_up(gave_up: asyncio.Future) -> None:
+    if not gave_up.done():
+        gave_up.set_result(None)
+
 
 def _ignore_outcome(future: asyncio.Future) -> None:
     """A given-up fetch may still end later; nobody is waiting for it then."""

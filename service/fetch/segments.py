@@ -322,8 +322,12 @@ class Segments:
         finally:
             hooks.TrackingTCPClient.current.reset(owner)
             netpolicy.PINNED.reset(pinned)
+        # A run that ends (cancel, another piece's failure) cancels this
+        # coroutine; the fetch itself ends when its stream is closed, and its
+        # outcome is read then, so Tornado finds no cancelled future to fill.
+        fetch.add_done_callback(_consume)
         try:
-            response = await fetch
+            response = await asyncio.shield(fetch)
             error: BaseException | None = response.error
         except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
             error = exc
@@ -427,6 +431,11 @@ class Segments:
             for exchange in list(self._exchanges):
                 if not exchange.paused and now - exchange.last_progress > limit:
                     exchange.close(_Again(f"no data from {self.host} for {limit:g} s"))
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _validator_of(headers: httputil.HTTPHeaders, like: str) -> str | None:
