@@ -18,6 +18,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 		(apt-get update -qq && apt-get install -y -qq curl openssl)
 	@# tests/test_partitions.py builds hosts in network namespaces with ip (iproute2).
 	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
+	@# tests/test_segments.py fetches from Debian's nginx with a per-connection rate limit.
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@

@@ -159,3 +159,30 @@ def test_cancel_stops_every_connection_within_a_second(svc, files):
     assert requests.delete(f"{svc.base}/tasks/{task_id}", timeout=10).status_code == 200
     time.sleep(1.5)
     assert PiecesHandler.running.get(key, 0) == 0
+
+
+def test_nginx_with_a_per_connection_rate_limit(svc):
+    # Debian's nginx (make test installs it), limit_rate per connection,
+    # ranges on: pieces over four connections, each logged by nginx.
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from bench.resume import ThrottledNginx
+    root = Path(tempfile.mkdtemp(prefix="md5seg-"))  # nginx's workers must read it
+    root.chmod(0o755)
+    (root / "f.bin").write_bytes(body(SIZE, 9))
+    nginx = ThrottledNginx(root, "3m")
+    try:
+        r = requests.post(svc.base + "/submit", data={"url": nginx.url("f.bin")}, timeout=10)
+        task_id = r.json()["id"]
+        done = svc.wait(task_id, timeout=120)
+        assert done.json().get("md5") == md5_of(SIZE, 9), (done.text, svc.task(task_id))
+        task = svc.task(task_id)
+        assert task["connections"]["used"] == 4, task["connections"]
+        logged = nginx.requests_for("/f.bin")
+        assert [s for s, _, _ in logged].count(206) >= 4
+        assert sum(sent for status, sent, _ in logged if status == 206) < 1.1 * SIZE
+    finally:
+        nginx.stop()
+        shutil.rmtree(root, ignore_errors=True)
