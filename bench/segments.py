@@ -116,7 +116,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rate", type=int, default=16_000_000, help="bytes/s per connection")
-    parser.add_argument("--small", type=int, default=24, help="8 MiB files in the last row")
+    parser.add_argument("--small", type=int, default=48, help="8 MiB files in the last row")
     args = parser.parse_args()
     size = args.size_mib * MiB
     root = Path(tempfile.mkdtemp(prefix="md5seg-"))
@@ -168,8 +168,13 @@ def main() -> int:
             plain = Nginx(root)
             try:
                 url_of = lambda i: plain.url(f"small/s{i}")  # noqa: E731
-                one = many_small(url_of, args.small, CONNECTIONS_PER_DOWNLOAD="1")
-                default = many_small(url_of, args.small)
+                # Sub-second figures on a shared machine: the best of three
+                # runs each, alternating.
+                ones, defaults = [], []
+                for _ in range(3):
+                    ones.append(many_small(url_of, args.small, CONNECTIONS_PER_DOWNLOAD="1"))
+                    defaults.append(many_small(url_of, args.small))
+                one, default = min(ones), min(defaults)
                 judge("4", f"{args.small} x 8 MiB: defaults vs one connection", default / one,
                       1.1, f"{default:.2f} / {one:.2f} s = {default / one:.2f}")
             finally:

@@ -162,6 +162,11 @@ function render(item, task) {
   item.querySelector(".bytes").textContent = (task.bytes_done || 0) === 0 && !total ? ""
     : size(task.bytes_done || 0) + (total ? " of " + size(total) : "");
   showSpeed(item, task);
+  if (task.connections !== undefined) {
+    const used = task.connections ? task.connections.used : 1;
+    item.querySelector(".conn").textContent =
+      task.status === "running" && used > 1 ? "over " + used + " connections" : "";
+  }
   item.querySelector(".cancel").hidden = finished(task.status);
   const error = item.querySelector(".error");
   if (task.error !== undefined) {

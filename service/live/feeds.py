@@ -107,8 +107,11 @@ def _task_full(task: Task) -> dict[str, Any]:
 
 
 def _task_brief(task: Task) -> dict[str, Any]:
+    attempt = task.attempt or {}
     return {"id": task.id, "status": str(task.status), "attempts": task.attempts,
-            "bytes_done": task.bytes_done, "bytes_total": task.bytes_total}
+            "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,
+            "bytes_fetched": task.bytes_fetched + (attempt.get("fetched") or 0),
+            "connections": attempt.get("connections")}
 
 
 ManifestState = tuple[Manifest, dict[str, int]]
