@@ -164,6 +164,12 @@ class Config:
     resumable_min_size: int = _field("RESUMABLE_MIN_SIZE", 1024**3, parse_size,
                                      "downloads larger than this are checkpointed and "
                                      "resume where they stopped; smaller ones start over")
+    ftp_prefer_https: tuple = _field(
+        "FTP_PREFER_HTTPS", ("ftp.sra.ebi.ac.uk=https://ftp.sra.ebi.ac.uk",
+                             "ftp.ncbi.nlm.nih.gov=https://ftp.ncbi.nlm.nih.gov"), parse_list,
+        "comma-separated FTPHOST=HTTPS_BASE: ftp:// URLs of these hosts are fetched from "
+        "the same path under HTTPS_BASE (faster, resumable), FTP if that fails; empty: "
+        "always FTP")
     webhook_secret: str | None = _field("WEBHOOK_SECRET", None, str,
                                         "signs webhooks (Standard Webhooks): whsec_ and the "
                                         "base64 of 24 to 64 random bytes; unset: callback_url "
@@ -283,6 +289,10 @@ def _check(config: Config) -> None:
         problems.append("MAX_STREAMS_PER_CLIENT and WEBHOOK_MAX_ATTEMPTS must be 1 or more")
     if config.sse_keepalive <= 0:
         problems.append("SSE_KEEPALIVE must be positive")
+    for item in config.ftp_prefer_https:
+        host, _, base = item.partition("=")
+        if not host.strip() or not base.strip().lower().startswith(("http://", "https://")):
+            problems.append(f"FTP_PREFER_HTTPS entry {item!r} is not FTPHOST=https://...")
     for item in config.resolve:
         if "=" not in item:
             problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")

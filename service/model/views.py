@@ -99,7 +99,9 @@ def _resume_view(task: Task) -> dict[str, Any]:
     return {"bytes_fetched": task.bytes_fetched + (attempt.get("fetched") or 0),
             "resumed_from": attempt.get("resumed_from"),
             "checkpoint_offset": checkpoint.get("offset"),
-            "resume_note": attempt.get("note")}
+            "resume_note": attempt.get("note"),
+            # An ftp:// file fetched from its HTTPS copy (FTP_PREFER_HTTPS).
+            "fetched_url": attempt.get("fetched_url")}
 
 
 def _finished_by(task: Task) -> str | None:
