@@ -170,6 +170,9 @@ class Config:
         "comma-separated FTPHOST=HTTPS_BASE: ftp:// URLs of these hosts are fetched from "
         "the same path under HTTPS_BASE (faster, resumable), FTP if that fails; empty: "
         "always FTP")
+    ena_portal_url: str = _field("ENA_PORTAL_URL", "https://www.ebi.ac.uk/ena/portal/api", str,
+                                 "ENA's portal API, asked for the files of an accession "
+                                 "(POST /manifests?ena=)")
     webhook_secret: str | None = _field("WEBHOOK_SECRET", None, str,
                                         "signs webhooks (Standard Webhooks): whsec_ and the "
                                         "base64 of 24 to 64 random bytes; unset: callback_url "
@@ -293,6 +296,8 @@ def _check(config: Config) -> None:
         host, _, base = item.partition("=")
         if not host.strip() or not base.strip().lower().startswith(("http://", "https://")):
             problems.append(f"FTP_PREFER_HTTPS entry {item!r} is not FTPHOST=https://...")
+    if not config.ena_portal_url.lower().startswith(("http://", "https://")):
+        problems.append("ENA_PORTAL_URL must be an http:// or https:// URL")
     for item in config.resolve:
         if "=" not in item:
             problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")

@@ -266,3 +266,17 @@ def test_address_policy_applies_to_ftp(make_service, ftp):
     assert strict.wait(task_id).status_code == 502
     task = strict.task(task_id)
     assert task["error_code"] == "blocked" and "127.0.0.1" in task["error"]
+
+
+def test_manifest_lines_may_be_ftp(svc, ftp):
+    file = name()
+    ftp.put(file, 12345, seed=6)
+    text = f"{md5_of(12345, 6)}  {ftp.url(file)}\n"
+    r = requests.post(svc.base + "/manifests", data=text, timeout=10,
+                      headers={"Content-Type": "text/plain"})
+    assert r.status_code == 202, r.text
+    manifest_id = r.json()["id"]
+    doc = wait_for(lambda: (d := requests.get(f"{svc.base}/manifests/{manifest_id}",
+                                              timeout=10).json())["status"] == "done" and d,
+                   60, "the manifest")
+    assert doc["totals"]["ok"] == 1 and doc["results"][0]["url"] == ftp.url(file)
