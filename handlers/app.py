@@ -12,6 +12,7 @@ from service.config import Config
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
 from service.intake.callers import Callers
+from service.intake.ena import EnaReports
 from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
 from service.live.answers import CheckAnswers
@@ -44,7 +45,8 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
                               coalesce=config.coalesce,
                               webhooks=config.webhook_secret is not None,
                               max_connections=config.max_connections)
-    manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake)
+    manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake,
+                               ena=EnaReports(config))
     answers = answers if answers is not None else CheckAnswers()
     streams = dict(limit=StreamLimit(config.max_streams_per_client),
                    keepalive=config.sse_keepalive, client_ip_header=config.client_ip_header)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 from tornado import httputil, web
 
 from service.intake.admission import RETRY_AFTER_FULL, QueueFull, QuotaExceeded
+from service.intake.ena import EnaError
 from service.intake.manifest_parser import MAX_TEXT_LINES, ManifestInvalid
 from service.intake.manifests import ManifestIntake
 from service.intake.validation import InvalidInput
@@ -58,13 +61,24 @@ class ManifestsHandler(JsonHandler):
 
     async def post(self) -> None:
         args = self.arguments_from_query()
-        body, json_body = self._manifest_body()
+        ena = self._ena_form(args)
+        body, json_body = self._manifest_body() if ena is None else (b"", False)
         caller = await self.caller()
         try:
-            manifest = await self.db(self.intake.submit(
-                body, json_body, self.one(args, "algorithm"), self.one(args, "email"),
-                args.get("algorithms", []), caller.client, caller.key_id),
-                patience=MANIFEST_PATIENCE, driver=MANIFEST_PATIENCE)
+            if ena is not None:
+                # ENA's report is asked first, outside the database's patience.
+                lines = await self.intake.ena_lines(ena)
+                work = self.intake.submit_ena(lines, self.one(args, "email"),
+                                              args.get("algorithms", []), caller.client,
+                                              caller.key_id)
+            else:
+                work = self.intake.submit(
+                    body, json_body, self.one(args, "algorithm"), self.one(args, "email"),
+                    args.get("algorithms", []), caller.client, caller.key_id)
+            manifest = await self.db(work, patience=MANIFEST_PATIENCE,
+                                     driver=MANIFEST_PATIENCE)
+        except EnaError as exc:
+            return self.send(502, {"error": str(exc)})
         except ManifestInvalid as exc:
             return self.send(400, {"error": str(exc), "lines": [
                 {"line": number, "error": error} for number, error in exc.errors]})
@@ -82,6 +96,19 @@ class ManifestsHandler(JsonHandler):
                                             "tasks waiting; try again later"})
         self.set_header("Location", f"/manifests/{manifest.id}")
         self.send(202, {"id": manifest.id, "lines": manifest.lines})
+
+    def _ena_form(self, args: dict[str, list[str]]) -> str | None:
+        """The accession of ``?ena=`` or of a form body ``ena=...`` (no
+        checksum line starts so), else None: the body is a manifest."""
+        if "ena" in args:
+            return self.one(args, "ena") or ""
+        kind = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind == "application/x-www-form-urlencoded" and not self._too_big \
+                and (self.body.startswith(b"ena=") or b"&ena=" in self.body[:4096]):
+            form = urllib.parse.parse_qs(bytes(self.body[:4096]).decode("utf-8", "replace"))
+            args.update({k: v for k, v in form.items() if k != "ena"})
+            return self.one(form, "ena") or ""
+        return None
 
     def arguments_from_query(self) -> dict[str, list[str]]:
         try:

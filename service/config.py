@@ -188,6 +188,15 @@ class Config:
                                    "at any size; a faster one keeps one connection")
     segment_window: int = _field("SEGMENT_WINDOW", 64 * 1024**2, parse_size,
                                  "bytes a segmented download may hold ahead of its hashing")
+    ftp_prefer_https: tuple = _field(
+        "FTP_PREFER_HTTPS", ("ftp.sra.ebi.ac.uk=https://ftp.sra.ebi.ac.uk",
+                             "ftp.ncbi.nlm.nih.gov=https://ftp.ncbi.nlm.nih.gov"), parse_list,
+        "comma-separated FTPHOST=HTTPS_BASE: ftp:// URLs of these hosts are fetched from "
+        "the same path under HTTPS_BASE (faster, resumable), FTP if that fails; empty: "
+        "always FTP")
+    ena_portal_url: str = _field("ENA_PORTAL_URL", "https://www.ebi.ac.uk/ena/portal/api", str,
+                                 "ENA's portal API, asked for the files of an accession "
+                                 "(POST /manifests?ena=)")
     webhook_secret: str | None = _field("WEBHOOK_SECRET", None, str,
                                         "signs webhooks (Standard Webhooks): whsec_ and the "
                                         "base64 of 24 to 64 random bytes; unset: callback_url "
@@ -312,6 +321,12 @@ def _check(config: Config) -> None:
         problems.append("MAX_STREAMS_PER_CLIENT and WEBHOOK_MAX_ATTEMPTS must be 1 or more")
     if config.sse_keepalive <= 0:
         problems.append("SSE_KEEPALIVE must be positive")
+    for item in config.ftp_prefer_https:
+        host, _, base = item.partition("=")
+        if not host.strip() or not base.strip().lower().startswith(("http://", "https://")):
+            problems.append(f"FTP_PREFER_HTTPS entry {item!r} is not FTPHOST=https://...")
+    if not config.ena_portal_url.lower().startswith(("http://", "https://")):
+        problems.append("ENA_PORTAL_URL must be an http:// or https:// URL")
     for item in config.resolve:
         if "=" not in item:
             problems.append(f"RESOLVE entry {item!r} is not HOST=ADDRESS")

@@ -95,13 +95,16 @@ def test_submit_accepts_form_query_and_json(service, files, how):
     assert done.json()["md5"] == md5_of(2048, 5)
 
 
+MUST_START = "url must start with http://, https://, ftp:// or ftps://"
+
+
 @pytest.mark.parametrize("data,message", [
     ({}, "url is required"),
     ({"url": ""}, "url is empty"),
     ({"url": "http://example.com/" + "a" * 2048}, "url is longer than 2048 characters"),
-    ({"url": "ftp://example.com/file"}, "url must start with http:// or https://"),
-    ({"url": "file:///etc/passwd"}, "url must start with http:// or https://"),
-    ({"url": "example.com/file"}, "url must start with http:// or https://"),
+    ({"url": "gopher://example.com/file"}, MUST_START),
+    ({"url": "file:///etc/passwd"}, MUST_START),
+    ({"url": "example.com/file"}, MUST_START),
     ({"url": "http:///path"}, "url has no host"),
     ({"url": "http://user:secret@example.com/"}, "url must not contain a user name or password"),
     ({"url": "http://example.com/", "email": "not-an-email"}, None),

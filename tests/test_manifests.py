@@ -168,7 +168,7 @@ def test_bad_lines_are_all_listed_and_nothing_is_stored(make_service):
     svc = make_service(ALLOW_PRIVATE_URLS="0")
     good = f"{'a' * 64}  http://example.com/ok"
     text = "\n".join([good, "not a line", good, f"{'b' * 63}  http://example.com/x",
-                      f"{'c' * 64}  ftp://example.com/y", "", f"{'d' * 64}  http://10.0.0.1/z"])
+                      f"{'c' * 64}  gopher://example.com/y", "", f"{'d' * 64}  http://10.0.0.1/z"])
     r = post_manifest(svc, text)
     assert r.status_code == 400
     doc = r.json()

@@ -219,8 +219,8 @@ def test_submit_client(service, files):
     assert "/ 2.9 MiB" in out.stderr and "ETA" in out.stderr  # the progress display
     out = run(files.url("/status/404"), "--wait")
     assert out.returncode == 1 and "HTTP 404 Not Found" in out.stderr
-    out = run("ftp://nope")
-    assert out.returncode == 2 and "http:// or https://" in out.stderr
+    out = run("gopher://nope")
+    assert out.returncode == 2 and "ftp:// or ftps://" in out.stderr
     out = run(files.url("/bytes/1"))
     assert out.returncode == 0 and re.fullmatch(r"[0-9a-f-]{36}\n", out.stdout)
     bad = dict(env, MD5LIGHT_URL="http://127.0.0.1:9")

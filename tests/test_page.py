@@ -138,13 +138,13 @@ def test_a_failed_task_shows_its_reason_in_words(page, files):
 
 
 def test_a_bad_url_gets_the_services_sentence(page):
-    page.locator("#url").fill("ftp://example.com/file")
+    page.locator("#url").fill("gopher://example.com/file")
     page.locator("#submit-button").click()
     # expect(), not wait_for_function("..."): an expression string is
     # eval'ed in the page, which its own CSP (rightly) forbids.
     expect(page.locator("#submit-message")).to_have_text(re.compile("^url must"))
     assert page.locator("#submit-message").text_content() == (
-        "url must start with http:// or https://")
+        "url must start with http://, https://, ftp:// or ftps://")
     shot(page, "5-refused")
 
 

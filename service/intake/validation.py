@@ -8,6 +8,7 @@ import urllib.parse
 
 from email_validator import EmailNotValidError, validate_email
 
+from service.fetch import ftp
 from service.fetch.netpolicy import AddressPolicy, parse_ip_literal
 from service.model.digests import Checksum, DigestSpecError, parse_algorithms, parse_expected
 from service.model.numbers import whole_number
@@ -16,6 +17,8 @@ MAX_URL_LENGTH = 2048
 MAX_EMAIL_LENGTH = 254
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_EXPECTED_LENGTH = 300
+# What a download may fetch (a webhook is http(s) only).
+DOWNLOAD_SCHEMES = ("http", "https", *ftp.SCHEMES)
 
 
 # One C-level scan: a per-character Python loop cost a millisecond per long
@@ -39,10 +42,11 @@ def _no_controls(name: str, value: str) -> None:
                            "such as \\ud800") from None
 
 
-def check_url(url: str | None, policy: AddressPolicy, name: str = "url") -> str:
+def check_url(url: str | None, policy: AddressPolicy, name: str = "url",
+              schemes: tuple[str, ...] = DOWNLOAD_SCHEMES) -> str:
     if url is None:
         raise InvalidInput(f"{name} is required")
-    url = url.strip(" ")
+    url = ftp.with_scheme(url.strip(" ")) if "ftp" in schemes else url.strip(" ")
     if not url:
         raise InvalidInput(f"{name} is empty")
     if len(url) > MAX_URL_LENGTH:
@@ -55,19 +59,27 @@ def check_url(url: str | None, policy: AddressPolicy, name: str = "url") -> str:
         port = parts.port
     except ValueError as exc:
         raise InvalidInput(f"{name} is malformed: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidInput(f"{name} must start with http:// or https://")
+    if parts.scheme.lower() not in schemes:
+        raise InvalidInput(f"{name} must start with {_listed(schemes)}")
     if not parts.hostname:
         raise InvalidInput(f"{name} has no host")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidInput(f"{name} must not contain a user name or password")
     if port == 0:
         raise InvalidInput(f"{name} has an invalid port")
+    ftp_path = ftp.path_problem(parts.path) if parts.scheme.lower() in ftp.SCHEMES else None
+    if ftp_path:
+        raise InvalidInput(f"{name}: an FTP path {ftp_path}")
     ip = parse_ip_literal(parts.hostname)
     if ip is not None and not policy.allows(ip):
         raise InvalidInput(f"{name} points to {ip}, a private or reserved address "
                            "that this service does not fetch from")
     return url
+
+
+def _listed(schemes: tuple[str, ...]) -> str:
+    names = [f"{s}://" for s in schemes]
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def check_callback_url(url: str | None, policy: AddressPolicy,
@@ -80,7 +92,7 @@ def check_callback_url(url: str | None, policy: AddressPolicy,
     if not signing:
         raise InvalidInput("callback_url is not available on this service: it has no "
                            "WEBHOOK_SECRET to sign webhooks with")
-    return check_url(url, policy, name="callback_url")
+    return check_url(url, policy, name="callback_url", schemes=("http", "https"))
 
 
 def check_email(email: str | None) -> str | None:

@@ -18,7 +18,7 @@ import hashlib
 import urllib.parse
 from typing import Any
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ftps": 990}
 
 
 def normalized_url(url: str) -> str:

@@ -100,7 +100,9 @@ def _resume_view(task: Task) -> dict[str, Any]:
             "resumed_from": attempt.get("resumed_from"),
             "checkpoint_offset": checkpoint.get("offset"),
             "resume_note": attempt.get("note"),
-            "connections": attempt.get("connections")}
+            "connections": attempt.get("connections"),
+            # An ftp:// file fetched from its HTTPS copy (FTP_PREFER_HTTPS).
+            "fetched_url": attempt.get("fetched_url")}
 
 
 def _finished_by(task: Task) -> str | None:

@@ -17,7 +17,8 @@ from pymongo.errors import PyMongoError
 
 from service.backoff import Backoff
 from service.config import Config
-from service.fetch.download import Download, Fetched, FetchError
+from service.fetch.download import Fetched, FetchError
+from service.fetch.loader import Transfer
 from service.model.digests import mismatch
 from service.model.same_file import KnownFile
 from service.model.task import Status, Task, TaskError, utcnow
@@ -51,7 +52,7 @@ class Outcomes:
         self.hooks = hooks
         self.download_retry = Backoff(first=config.retry_base, cap=DOWNLOAD_RETRY_CAP)
 
-    async def done(self, task: Task, download: Download, fetched: Fetched) -> None:
+    async def done(self, task: Task, download: Transfer, fetched: Fetched) -> None:
         # A file that is not the expected one will not change on a retry.
         wrong = mismatch(task.expected, fetched.digests) if task.expected else None
         error = TaskError("mismatch", wrong) if wrong else None
@@ -75,7 +76,7 @@ class Outcomes:
                      fetched.digests["md5"], download.bytes_done)
             await self._after_finish(task, "mismatch" if wrong else "ok", download)
 
-    async def _remember(self, task: Task, download: Download, fetched: Fetched) -> None:
+    async def _remember(self, task: Task, download: Transfer, fetched: Fetched) -> None:
         """Record the file's digests for later submits with max_age."""
         if task.manifest is not None:
             return
@@ -88,7 +89,7 @@ class Outcomes:
             log.warning("task %s: the file's record for max_age was not stored (%s)", task.id,
                         type(exc).__name__)
 
-    async def failed_try(self, task: Task, download: Download, exc: FetchError) -> None:
+    async def failed_try(self, task: Task, download: Transfer, exc: FetchError) -> None:
         if exc.transient and task.attempts < self.config.max_attempts:
             delay = exc.retry_after if exc.retry_after is not None else \
                 self.download_retry.delay(task.attempts)
@@ -110,7 +111,7 @@ class Outcomes:
             log.info("task %s failed: %s", task.id, exc.message)
             await self._after_finish(task, "failed", download)
 
-    async def _after_finish(self, task: Task, ended_as: str, download: Download) -> None:
+    async def _after_finish(self, task: Task, ended_as: str, download: Transfer) -> None:
         manifest, followers = None, 0
         if task.manifest is None:
             try:
@@ -144,7 +145,7 @@ class Outcomes:
                 failures += 1
                 await asyncio.sleep(WRITE_BACKOFF.delay(failures))
 
-    async def shutting_down(self, task: Task, download: Download) -> None:
+    async def shutting_down(self, task: Task, download: Transfer) -> None:
         # Checkpointed as it stops, so that a deploy costs no bytes.
         await self._persist(partial(self.store.queue.retry_later, task, self.name, 0,
                                     TaskError("shutdown", "worker shutting down"),
@@ -164,7 +165,7 @@ class Outcomes:
                 dataclasses.replace(task, status=status, error=error, **result)))
 
 
-def _resume_fields(download: Download) -> dict:
+def _resume_fields(download: Transfer) -> dict:
     """Where the retry of a download resumes, and how this attempt went."""
     latest = download.checkpoint()
     return {"checkpoint": latest.to_doc() if latest else None,

@@ -24,7 +24,8 @@ from service.backoff import Backoff
 from service.config import Config
 from service.fetch.checkpoint import Checkpoint
 from service.fetch.client import make_client
-from service.fetch.download import Download, FetchError, Interrupted
+from service.fetch.download import FetchError, Interrupted
+from service.fetch.loader import Transfer, make_download
 from service.fetch.segments import HostSlots
 from service.model.task import Task
 from service.notify.mailer import Mailer
@@ -78,7 +79,7 @@ class Worker:
         self.hooks = (WebhookSender(config, store.callbacks, self.name)
                       if config.webhook_secret else None)
         self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks, announce)
-        self.active: dict[str, tuple[Task, Download]] = {}
+        self.active: dict[str, tuple[Task, Transfer]] = {}
         self._claimed: dict[str, float] = {}  # task id: when (loop_time) it was claimed
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -165,10 +166,10 @@ class Worker:
                 return
 
     def _start(self, task: Task) -> None:
-        download = Download(task.url, self.config, self.client, self.hash_executor,
-                            task.algorithms, Checkpoint.from_doc(task.checkpoint),
-                            revalidate=task.revalidate, connections=task.connections,
-                            slots=self.host_slots)
+        download = make_download(task.url, self.config, self.client, self.hash_executor,
+                                 task.algorithms, Checkpoint.from_doc(task.checkpoint),
+                                 revalidate=task.revalidate, connections=task.connections,
+                                 slots=self.host_slots)
         self.active[task.id] = (task, download)
         self._claimed[task.id] = loop_time()
         job = asyncio.create_task(self._process(task, download))
@@ -178,7 +179,7 @@ class Worker:
 
     # -- one task -----------------------------------------------------------
 
-    async def _process(self, task: Task, download: Download) -> None:
+    async def _process(self, task: Task, download: Transfer) -> None:
         if task.attempts == 1 and task.started_at:
             metrics.QUEUE_WAIT_SECONDS.observe(
                 (task.started_at - task.created_at).total_seconds())

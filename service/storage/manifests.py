@@ -50,7 +50,9 @@ class ManifestRecords:
                 await self.tasks.delete_many({"manifest": manifest.id})
             await self.manifests.delete_one({"_id": manifest.id})
             raise
-        self.counters.count(queued=len(tasks), total=len(tasks))
+        # Lines that end failed at birth (intake.ena) are never queued.
+        queued = sum(1 for t in tasks if t.status == Status.QUEUED)
+        self.counters.count(queued=queued, total=len(tasks))
 
     async def get(self, manifest_id: str) -> Manifest | None:
         doc = await self.manifests.find_one({"_id": manifest_id})
