@@ -7,7 +7,14 @@ the build's layers survive from one run to the next.
     <cache>/containers.conf   default_ulimits = [], runc, cgroupfs, file events
     <cache>/storage.conf      overlay store in <cache>/storage
     <cache>/storage, run, tmp, volumes, networks, events.log
+    <cache>/varlib            what builds write under /var/lib (see below)
     <cache>/lock              one test-image run at a time per cache
+
+One thing has no setting: a build's commit records blobs in
+/var/lib/containers/cache/blob-info-cache-v1.boltdb, a path fixed for root
+(containers/common#682). Builds and imports therefore run in a private
+mount namespace in which /var/lib is an overlay whose writes land in
+<cache>/varlib: the machine's /var/lib is read, never written.
 
 The base image is a minimal Debian bookworm (Python 3.11) made by
 debootstrap from this machine's own Debian mirror and imported as an image,
@@ -85,8 +92,9 @@ class Podman:
 
     def _write_config(self) -> None:
         c = self.cache
-        for sub in ("storage", "run", "tmp", "volumes", "networks", "libpod"):
-            (c / sub).mkdir(exist_ok=True)
+        for sub in ("storage", "run", "tmp", "volumes", "networks", "libpod",
+                    "varlib/upper", "varlib/work"):
+            (c / sub).mkdir(parents=True, exist_ok=True)
         (c / "containers.conf").write_text(f"""\
 # Written by tests/podman.py for make test-image; read via CONTAINERS_CONF.
 [containers]
@@ -139,9 +147,20 @@ runroot = "{c}/run"
     def command(self, *args: str) -> list[str]:
         return ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs", *args]
 
+    def isolated(self, *args: str) -> list[str]:
+        """podman with /var/lib overlaid (writes go to <cache>/varlib), for
+        the commands that would write there: build, import."""
+        varlib = self.cache / "varlib"
+        mount = (f"mount -t overlay overlay -o lowerdir=/var/lib,upperdir={varlib}/upper,"
+                 f"workdir={varlib}/work /var/lib")
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                mount + ' && exec "$@"', "sh", *self.command(*args)]
+
     def __call__(self, *args: str, check: bool = True, timeout: float = 120,
                  input: bytes | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.command(*args), env=self.env, capture_output=True,
+        command = self.isolated(*args) if args[0] in ("build", "import") else \
+            self.command(*args)
+        proc = subprocess.run(command, env=self.env, capture_output=True,
                               timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise PodmanError(f"podman {' '.join(args)} exited {proc.returncode}:\n"
@@ -195,7 +214,7 @@ runroot = "{c}/run"
             for env in BASE_ENV:
                 changes += ["--change", f"ENV {env}"]
             changes += ["--change", 'CMD ["python3"]']
-            proc = subprocess.run(self.command("import", *changes, "-", name),
+            proc = subprocess.run(self.isolated("import", *changes, "-", name),
                                   stdin=tar.stdout, env=self.env, capture_output=True,
                                   timeout=600)
             tar.wait()

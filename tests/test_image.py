@@ -95,6 +95,9 @@ def images(podman):
     seconds = podman.build(IMAGE, base)
     size = int(podman.out("image", "inspect", "--format", "{{.Size}}", IMAGE))
     say(f"image {IMAGE}: built in {seconds:.1f} s, {size / 2**20:.0f} MiB")
+    # Earlier builds' images, untagged now: the cache keeps only the layers
+    # today's images are made of.
+    podman("image", "prune", "-f", check=False)
     podman("build", "--format", "docker", "--pull=never", "--layers",
            "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"AIOSMTPD={dev_pin('aiosmtpd')}",
            "-t", MAIL_IMAGE, "-f", str(ROOT / "tests/containers/mailcatcher.Dockerfile"),
@@ -146,8 +149,23 @@ class Session:
             proc = self.podman("logs", name, check=False)
             (OUT / f"{name}.log").write_bytes(proc.stdout + proc.stderr)
 
+    def collect_volumes(self) -> None:
+        """The image's VOLUME /data gives each container without a volume
+        there an anonymous one, which neither `podman rm -v` of a container
+        that depends on another nor podman-compose's `down -v` removes: their
+        names are noted while the containers exist, removed at the end."""
+        for label in (self.label, f"io.podman.compose.project={self.project}"):
+            ids = self.podman.out("ps", "-aq", "--filter", f"label={label}",
+                                  check=False).split()
+            if ids:
+                self.volumes += self.podman.out(
+                    "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}", *ids,
+                    check=False).split()
+
     def cleanup(self) -> None:
         self.save_logs()
+        self.collect_volumes()
+        vols = list(self.volumes)
         for _ in range(3):  # dependents first; a second pass gets the rest
             ids = []
             for label in (self.label, f"io.podman.compose.project={self.project}"):
@@ -157,11 +175,11 @@ class Session:
                 break
             self.podman("rm", "-f", "-v", "-t", "2", *ids, check=False, timeout=120)
         self.podman("pod", "rm", "-f", f"pod_{self.project}", check=False)
-        vols = self.volumes + self.podman.out(
+        vols += self.podman.out(
             "volume", "ls", "-q", "--filter", f"label=io.podman.compose.project={self.project}",
             check=False).split()
-        if vols:
-            self.podman("volume", "rm", "-f", *vols, check=False)
+        for vol in set(vols):
+            self.podman("volume", "rm", "-f", vol, check=False)
         for net in self.networks:
             self.podman("network", "rm", "-f", net, check=False)
 
@@ -430,6 +448,7 @@ def test_compose_layout_scales_and_survives_a_killed_worker(podman, images, sess
     after = api.wait(api.submit(f"http://files:8080/bytes/{size}?seed=6"))
     assert after["md5"] == md5_of(size, 6), after
 
+    session.collect_volumes()
     # docker compose down -v. podman-compose removes the replicas its file
     # declares (one worker); the test's cleanup removes what it leaves.
     compose("down", "-v", "-t", "10", check=False)
