@@ -9,7 +9,7 @@ TOOLS   := .tools
 MONGOSH := $(TOOLS)/node_modules/.bin/mongosh
 MONGOSH_VERSION := 2.12.0
 
-.PHONY: setup run test test-browser test-chaos lint bench shell clean
+.PHONY: setup run test test-browser test-chaos test-image lint bench shell clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "md5-light needs Python 3.11 or newer")'
@@ -31,7 +31,8 @@ run: $(STAMP)
 
 test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest --ignore=tests/test_partitions.py \
-		--ignore=tests/test_resilience.py --ignore=tests/test_page.py $(PYTEST_ARGS)
+		--ignore=tests/test_resilience.py --ignore=tests/test_page.py \
+		--ignore=tests/test_image.py $(PYTEST_ARGS)
 
 # The page in a real browser: Debian's Chromium driven by Playwright (whose
 # own browser download does not work here). CI runs it after make test.
@@ -46,6 +47,20 @@ test-chaos: $(STAMP) $(MONGOSH)
 	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest tests/test_resilience.py \
 		tests/test_partitions.py $(PYTEST_ARGS)
+
+# The container image, built from the Dockerfile and run as users run it
+# (tests/test_image.py): Debian's podman stands in for Docker, a Debian
+# bookworm made by debootstrap for python:3.11-slim (no registry here). All of
+# podman's configuration and its image store live in IMAGE_CACHE (kept
+# between runs: the base image and the build's layers); nothing of the
+# machine's own container configuration is read or changed. Needs root.
+IMAGE_CACHE ?= $(HOME)/.cache/md5-light/podman
+test-image: $(STAMP)
+	@for t in podman buildah runc debootstrap; do command -v $$t >/dev/null || need=1; done; \
+	if [ -n "$$need" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; fi
+	MD5_IMAGE_CACHE=$(abspath $(IMAGE_CACHE)) $(BIN)/python -m pytest tests/test_image.py \
+		-rP $(PYTEST_ARGS)
 
 # ruff and mypy on the service's code (CI runs this before the tests).
 lint: $(STAMP)

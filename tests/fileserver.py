@@ -658,3 +658,25 @@ class HookServer(ThreadedServer):
             await asyncio.Event().wait()
 
         asyncio.run(main())
+
+
+def serve(host: str = "0.0.0.0", port: int = 8080) -> None:
+    """The file server in the foreground: the `files` container of
+    tests/docker-compose.test.yml runs ``python /tests/fileserver.py``.
+    As a container's PID 1 it must exit on SIGTERM by itself."""
+    import signal
+    import sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    async def main() -> None:
+        server = HTTPServer(make_app())
+        server.add_sockets(bind_sockets(port, host, family=socket.AF_INET))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+    serve(sys.argv[1] if len(sys.argv) > 1 else "0.0.0.0",
+          int(sys.argv[2]) if len(sys.argv) > 2 else 8080)
