@@ -70,7 +70,8 @@ def make_app(config: Config, store: Store, wake: Callable[[], None],
     ]
     # Every handler asks who its caller is (JsonHandler.caller): an
     # application setting rather than one more initialize argument each.
-    callers = Callers(store.keys, config.client_ip_header, config.require_api_key)
+    callers = Callers(store.keys, config.client_ip_header, config.require_api_key,
+                      config.loopback_operator)
     return web.Application(
         routes, default_handler_class=NotFoundHandler,
         compress_response=False, xheaders=False, log_function=log_request, callers=callers)

@@ -55,6 +55,9 @@ class JsonHandler(web.RequestHandler):
 
     # The largest body this handler takes.
     max_body = MAX_BODY
+    # Served without an API key even under REQUIRE_API_KEY (health checks,
+    # metrics scrapers, the OpenAPI document, a browser's EventSource).
+    open_without_key = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Before super().__init__, which calls the subclass's initialize.
@@ -73,9 +76,11 @@ class JsonHandler(web.RequestHandler):
 
     async def prepare(self) -> None:
         self._check_body_length()
-        if "Authorization" in self.request.headers:
+        callers: Callers = self.settings["callers"]
+        if callers.judges(self.request) and not (
+                self.open_without_key and "Authorization" not in self.request.headers):
             # A wrong or revoked key is a 401 wherever it is sent, before
-            # any work: the caller learns at once that it is wrong.
+            # any work (the body included): the caller learns at once.
             await self.caller()
 
     async def caller(self) -> Caller:
@@ -114,7 +119,10 @@ class JsonHandler(web.RequestHandler):
 
     @property
     def body(self) -> bytes:
-        return bytes(self._body)
+        # Made once: a 16 MiB manifest was copied at every use.
+        if not isinstance(self._body, bytes):
+            self._body = bytes(self._body)  # type: ignore[assignment]
+        return self._body  # type: ignore[return-value]
 
     def send(self, status: int, payload: Any) -> None:
         self.set_status(status)

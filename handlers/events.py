@@ -20,6 +20,9 @@ RETRY_AFTER_STREAMS = 5
 
 
 class EventsHandler(JsonHandler):
+    # A browser's EventSource cannot send a header: the id is the capability.
+    open_without_key = True
+
     def initialize(self, feed: Feed, limit: StreamLimit, keepalive: float,
                    client_ip_header: str | None) -> None:
         self.feed = feed

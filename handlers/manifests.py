@@ -60,10 +60,10 @@ class ManifestsHandler(JsonHandler):
         raise web.HTTPError(413, reason="Payload Too Large")
 
     async def post(self) -> None:
+        caller = await self.caller()
         args = self.arguments_from_query()
         ena = self._ena_form(args)
         body, json_body = self._manifest_body() if ena is None else (b"", False)
-        caller = await self.caller()
         try:
             if ena is not None:
                 # ENA's report is asked first, outside the database's patience.
@@ -103,9 +103,13 @@ class ManifestsHandler(JsonHandler):
         if "ena" in args:
             return self.one(args, "ena") or ""
         kind = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        body = self.body
+        # A form (curl -d ena=...&email=...) is one short line of fields; a
+        # manifest whose text merely holds "&ena=" in a URL is a manifest.
         if kind == "application/x-www-form-urlencoded" and not self._too_big \
-                and (self.body.startswith(b"ena=") or b"&ena=" in self.body[:4096]):
-            form = urllib.parse.parse_qs(bytes(self.body[:4096]).decode("utf-8", "replace"))
+                and len(body) <= 4096 and b"\n" not in body.strip() and b" " not in body \
+                and (body.startswith(b"ena=") or b"&ena=" in body):
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
             args.update({k: v for k, v in form.items() if k != "ena"})
             return self.one(form, "ena") or ""
         return None

@@ -15,6 +15,8 @@ HEARTBEAT_WITHIN = 10
 
 
 class HealthHandler(JsonHandler):
+    open_without_key = True
+
     def initialize(self, store: Store) -> None:
         self.store = store
 
@@ -38,6 +40,8 @@ class HealthHandler(JsonHandler):
 
 
 class MetricsHandler(JsonHandler):
+    open_without_key = True
+
     def initialize(self, gauges: metrics.DatabaseGauges) -> None:
         self.gauges = gauges
 
@@ -50,6 +54,8 @@ class MetricsHandler(JsonHandler):
 
 
 class OpenAPIHandler(JsonHandler):
+    open_without_key = True
+
     def get(self) -> None:
         self.set_header("Content-Type", "application/yaml; charset=UTF-8")
         self.finish(OPENAPI.read_bytes())

@@ -146,6 +146,11 @@ class Config:
                                    "refuse requests without an API key (run.py keys create); "
                                    "off: anyone may submit, and a key only names its tasks",
                                    "--require-api-key")
+    loopback_operator: bool = _field("LOOPBACK_OPERATOR", True, parse_bool,
+                                     "until the first API key is made, a request from "
+                                     "loopback (with CLIENT_IP_HEADER: whose header names "
+                                     "loopback) lists every task; 0 behind a reverse proxy "
+                                     "on the same host that sets no such header")
     max_connections_per_client: int = _field("MAX_CONNECTIONS_PER_CLIENT", 1024, int,
                                              "open connections one remote address may hold; "
                                              "more are closed at once (0: no limit)")

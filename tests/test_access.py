@@ -60,16 +60,43 @@ def people(svc):
 
 
 def test_before_any_key_loopback_lists_all_and_others_need_a_key(svc, files):
+    # CLIENT_IP_HEADER is set: loopback is the header naming loopback, on a
+    # connection from loopback; a missing header is not loopback.
     task = submit(svc, files.url("/bytes/100"))
-    assert [t["id"] for t in listed(svc).json()["tasks"]] == [task]
-    remote = requests.get(svc.base + "/tasks", headers={"X-Forwarded-For": "203.0.113.9"},
-                          timeout=10)
-    assert remote.status_code == 401
-    assert "listing tasks needs an API key" in remote.json()["error"]
+    local = {"X-Forwarded-For": "127.0.0.1"}
+    mine = requests.get(svc.base + "/tasks", headers=local, timeout=10)
+    assert [t["id"] for t in mine.json()["tasks"]] == [task]
+    for headers in ({"X-Forwarded-For": "203.0.113.9"}, {}):
+        remote = requests.get(svc.base + "/tasks", headers=headers, timeout=10)
+        assert remote.status_code == 401, headers
+        assert "listing tasks needs an API key" in remote.json()["error"]
     # The id is still the task's capability, from anywhere.
     named = requests.get(svc.base + "/tasks", params={"id": task},
                          headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
     assert [t["id"] for t in named.json()["tasks"]] == [task]
+
+
+def test_loopback_behind_a_proxy_is_not_an_operator(make_service, files):
+    # No CLIENT_IP_HEADER, but the request carries a proxy's header: the
+    # proxy on this host is loopback, its clients are not.
+    svc = make_service()
+    submit(svc, files.url("/bytes/100"))
+    assert listed(svc).status_code == 200
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        r = requests.get(svc.base + "/tasks", headers={header: "203.0.113.9"}, timeout=10)
+        assert r.status_code == 401, header
+    # LOOPBACK_OPERATOR=0 turns the rule off.
+    off = make_service(LOOPBACK_OPERATOR="0")
+    assert listed(off).status_code == 401
+
+
+def test_revoking_every_key_does_not_reopen_loopback(make_service):
+    svc = make_service()
+    token = make_key(svc, "temp")
+    assert keys(svc, "revoke", token.split("_")[1]).returncode == 0
+    import time as _time
+    _time.sleep(2.5)  # past the API's cache of whether keys exist
+    assert listed(svc).status_code == 401
 
 
 def test_a_second_client_sees_none_of_the_first_ones_tasks(svc, files, people):
@@ -146,8 +173,8 @@ def test_idempotency_keys_are_per_client(svc, files, people):
 
 @pytest.mark.parametrize("header, says", [
     ("Bearer md5l_000000000000_" + "A" * 43, "is not valid"),
-    ("Bearer not-a-key", "not one this service made"),
-    ("Basic YWxpY2U6c2VjcmV0", "must be 'Bearer <key>'"),
+    ("Bearer md5l_short", "not one this service made"),
+    ("bearer   md5l_x_y ", "not one this service made"),
 ])
 def test_a_wrong_key_is_a_401_with_a_sentence_everywhere(svc, files, people, header, says):
     task = submit(svc, files.url("/bytes/10"), people["alice"])
@@ -158,6 +185,19 @@ def test_a_wrong_key_is_a_401_with_a_sentence_everywhere(svc, files, people, hea
                              headers={"Authorization": header}, timeout=10)
         assert r.status_code == 401, (path, r.text)
         assert says in r.json()["error"] and r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("header", ["Basic YWxpY2U6c2VjcmV0", "Bearer eyJhbGciOi.jwt.sig"])
+def test_other_authorization_headers_are_not_ours_to_refuse(svc, files, people, header):
+    # A proxy's Basic login or an SSO's token passes through: anonymous.
+    r = requests.post(svc.base + "/submit", data={"url": files.url("/bytes/10")},
+                      headers={"Authorization": header}, timeout=10)
+    assert r.status_code == 202, r.text
+    check = requests.get(svc.base + "/check", params={"id": r.json()["id"]},
+                         headers={"Authorization": header}, timeout=10)
+    assert check.status_code in (200, 202)
+    listing = requests.get(svc.base + "/tasks", headers={"Authorization": header}, timeout=10)
+    assert listing.status_code == 401 and "listing tasks needs" in listing.json()["error"]
 
 
 def test_a_revoked_key_is_refused_within_seconds(svc, files, people):
@@ -211,9 +251,19 @@ def test_require_api_key_refuses_anonymous_requests(make_service, files):
     wait_for(lambda: _up(svc), what="the API")
     r = requests.post(svc.base + "/submit", data={"url": files.url("/bytes/10")}, timeout=10)
     assert r.status_code == 401 and "needs an API key" in r.json()["error"]
+    # Refused before its body is read, whatever the route; health is open.
+    assert requests.get(svc.base + "/check?id=x", timeout=10).status_code == 401
+    big = requests.post(svc.base + "/manifests", data=b"x\n" * 100_000, timeout=10)
+    assert big.status_code == 401
+    assert requests.get(svc.base + "/health", timeout=10).status_code in (200, 503)
     token = make_key(svc, "dave")
     task = submit(svc, files.url("/bytes/10"), token)
-    assert svc.wait(task).json()["md5"] == md5_of(10)
+    deadline = time.monotonic() + 30
+    while (r := requests.get(svc.base + "/check", params={"id": task}, headers=bearer(token),
+                             timeout=10)).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert r.json()["md5"] == md5_of(10)
 
 
 def _up(svc) -> bool:

@@ -42,13 +42,18 @@ function remember(id) {
   localStorage.setItem(MINE, JSON.stringify(mine.slice(0, MINE_KEPT)));
 }
 
-async function api(path, options) {
-  options = options || {};
-  const key = stored(KEY, "");
+async function api(path, options, keyless) {
+  options = Object.assign({}, options || {});
+  const key = keyless ? "" : stored(KEY, "");
   if (key) options.headers = Object.assign({}, options.headers, { Authorization: "Bearer " + key });
   const response = await fetch(path, options);
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
+  if (key && response.status === 401 && path !== "/tasks?limit=1") {
+    // A key revoked since it was saved: forget it, and ask again without.
+    localStorage.removeItem(KEY);
+    return api(path, options, true);
+  }
   return { status: response.status, body };
 }
 

@@ -156,8 +156,9 @@ class Download:
             stream.close()
 
     def abort(self, error: FetchError | Interrupted) -> None:
-        # A reason from outside wins over a start over, which would lose it.
-        if self.error is None or isinstance(self.error, _StartOver):
+        # A reason from outside wins over a start over or a switch to
+        # pieces, which would lose it (a drain's ShuttingDown is sent once).
+        if self.error is None or isinstance(self.error, (_StartOver, _Segment)):
             self.error = error
         if self._stream is not None:
             self._stream.close()

@@ -10,6 +10,21 @@ work as before; from then on only keys say who is who.
 
 Lookups are cached for CACHE_SECONDS: a revoked key stops working within
 that time in every API process, at one database read per key and period.
+When the database does not answer, the last lookup (up to STALE_SECONDS
+old) stands in, so that a keyed ``/check``, which answers from memory,
+keeps working through an outage.
+
+Loopback is an operator only where it surely is the caller: the
+connection comes from loopback and, with CLIENT_IP_HEADER, that header is
+present and names loopback too; without it, a request carrying a proxy's
+headers (X-Forwarded-For, Forwarded, X-Real-IP) is not (a proxy on the same
+host would make every client "loopback"). Only until the first key is made,
+revoked ones included (revoking every key must not reopen the rule), and
+only with LOOPBACK_OPERATOR (on by default).
+
+Only our own tokens are judged: an Authorization header of another scheme
+or another kind of bearer token (a proxy's Basic login, an SSO's JWT) is
+not ours to refuse, and the request is anonymous.
 """
 
 from __future__ import annotations
@@ -18,11 +33,15 @@ import dataclasses
 import ipaddress
 import time
 
+from pymongo.errors import PyMongoError
+
 from service.intake.admission import client_key, peer_address
-from service.model.keys import ApiKey, Role, parse_token
+from service.model.keys import PREFIX, ApiKey, Role, parse_token
 from service.storage.keys import KeyRecords
 
 CACHE_SECONDS = 2.0
+STALE_SECONDS = 600.0
+_PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 class Unauthorized(Exception):
@@ -48,26 +67,30 @@ class Caller:
 
 class Callers:
     def __init__(self, keys: KeyRecords, client_ip_header: str | None,
-                 require_key: bool = False):
+                 require_key: bool = False, loopback_operator: bool = True):
         self.keys = keys
         self.client_ip_header = client_ip_header
         self.require_key = require_key
+        self.loopback_operator = loopback_operator
         self._keys: dict[str, tuple[float, ApiKey | None]] = {}
         self._any: tuple[float, bool] = (0.0, False)
 
+    def judges(self, request) -> bool:
+        """Whether this request's caller must be settled before any work:
+        it carries one of our keys (a bad one is a 401 at once), or every
+        request needs one."""
+        return self.require_key or _our_token(request.headers.get("Authorization")) is not None
+
     async def identify(self, request) -> Caller:
         """The caller of ``request``, or Unauthorized."""
-        header = request.headers.get("Authorization")
-        if header is None:
+        token = _our_token(request.headers.get("Authorization"))
+        if token is None:
             if self.require_key:
                 raise Unauthorized("this service needs an API key: send it as "
                                    "'Authorization: Bearer <key>'")
             peer = peer_address(request, self.client_ip_header)
-            return Caller(client_key(peer), operator=await self._loopback_rules(peer))
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-        parsed = parse_token(token.strip())
+            return Caller(client_key(peer), operator=await self._loopback_rules(request))
+        parsed = parse_token(token)
         if parsed is None:
             raise Unauthorized("the API key is not one this service made (md5l_...)")
         key_id, secret = parsed
@@ -83,19 +106,45 @@ class Callers:
         cached = self._keys.get(key_id)
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
-        key = await self.keys.get(key_id)
+        try:
+            key = await self.keys.get(key_id)
+        except PyMongoError:
+            if cached is not None and now - cached[0] < STALE_SECONDS:
+                return cached[1]
+            raise
         if len(self._keys) > 10_000:  # made-up ids must not grow this forever
             self._keys.clear()
         self._keys[key_id] = (now, key)
         return key
 
-    async def _loopback_rules(self, peer: str) -> bool:
-        if not _is_loopback(peer):
+    async def _loopback_rules(self, request) -> bool:
+        if not self.loopback_operator or not _is_loopback(request.remote_ip or ""):
+            return False
+        if self.client_ip_header:
+            forwarded = request.headers.get(self.client_ip_header)
+            if forwarded is None or not _is_loopback(peer_address(request,
+                                                                  self.client_ip_header)):
+                return False
+        elif any(h in request.headers for h in _PROXY_HEADERS):
             return False
         now = time.monotonic()
         if now - self._any[0] >= CACHE_SECONDS:
-            self._any = (now, await self.keys.any_active())
+            try:
+                self._any = (now, await self.keys.any_made())
+            except PyMongoError:
+                return False  # in doubt, not an operator
         return not self._any[1]
+
+
+def _our_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer md5l_...`` header, else None."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(PREFIX + "_"):
+        return None
+    return token
 
 
 def _is_loopback(address: str) -> bool:

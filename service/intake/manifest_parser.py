@@ -145,9 +145,11 @@ def _text_entries(body: bytes) -> list[tuple[int, Any, Any]]:
 def _json_entries(body: bytes) -> list[tuple[int, Any, Any]]:
     too_many = ManifestInvalid(f"the JSON manifest has more than {MAX_JSON_VALUES:,} values; "
                                f"it may list at most {MAX_LINES} files")
-    # Upper bounds: a quote inside a string (escaped) or a bracket in a URL
-    # only makes the count larger.
-    if body.count(b'"') // 2 + body.count(b"[") + body.count(b"{") > MAX_JSON_VALUES:
+    # Upper bounds: a quote inside a string (escaped), a bracket or a comma
+    # in a URL only makes the count larger. Commas bound null, true and
+    # false, which no parser hook sees.
+    if body.count(b'"') // 2 + body.count(b"[") + body.count(b"{") > MAX_JSON_VALUES \
+            or body.count(b",") > MAX_JSON_VALUES:
         raise too_many
     counted = 0
 

@@ -166,9 +166,14 @@ class Worker:
                 return
 
     def _start(self, task: Task) -> None:
+        # An attempt that found pieces of two versions ("changed") is retried
+        # over one connection: behind a load balancer whose backends give
+        # one file different ETags, pieces would never agree.
+        changed = task.error is not None and task.error.code == "changed"
         download = make_download(task.url, self.config, self.client, self.hash_executor,
                                  task.algorithms, Checkpoint.from_doc(task.checkpoint),
-                                 revalidate=task.revalidate, connections=task.connections,
+                                 revalidate=task.revalidate,
+                                 connections=1 if changed else task.connections,
                                  slots=self.host_slots)
         self.active[task.id] = (task, download)
         self._claimed[task.id] = loop_time()

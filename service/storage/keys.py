@@ -30,5 +30,6 @@ class KeyRecords:
                                          {"$set": {"revoked_at": utcnow()}})
         return await self.get(key_id)
 
-    async def any_active(self) -> bool:
-        return await self.collection.find_one({"revoked_at": None}, {"_id": 1}) is not None
+    async def any_made(self) -> bool:
+        """Whether a key was ever made (revoked ones count)."""
+        return await self.collection.find_one({}, {"_id": 1}) is not None
