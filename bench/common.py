@@ -14,7 +14,7 @@ import requests
 
 from tests.servicectl import ROOT, Service, free_port
 
-__all__ = ["ROOT", "Stack", "FileServerProcess", "free_port", "table"]
+__all__ = ["ROOT", "Stack", "FileServerProcess", "free_port", "table", "wait_answering"]
 
 
 class Stack(Service):
@@ -66,14 +66,7 @@ class FileServerProcess:
                 "    await asyncio.Event().wait()\n"
                 "asyncio.run(main())")
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url("/bytes/1"), timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError("file server did not start")
+        wait_answering(self.url("/bytes/1"), "file server", 20)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -81,6 +74,19 @@ class FileServerProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
+
+
+def wait_answering(url: str, what: str, seconds: float = 10) -> None:
+    """Return once ``url`` answers at all (any status); RuntimeError after
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
 
 
 def table(rows: list[tuple], headers: tuple) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import requests
 from pymongo import MongoClient
 
-from bench.common import Stack, free_port, table
+from bench.common import Stack, free_port, table, wait_answering
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -66,14 +66,7 @@ http {{
 }}
 """)
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url("missing"), timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start")
+        wait_answering(self.url("missing"), "nginx")
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import Stack, free_port, table
+from bench.common import Stack, free_port, table, wait_answering
 from bench.perf import Nginx
 from bench.resume import ThrottledNginx, make_file
 
@@ -40,14 +40,7 @@ class PacedServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.throttled", str(root),
                                       str(self.port), str(rate)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url("missing"), timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.05)
-        raise RuntimeError("bench.throttled did not start")
+        wait_answering(self.url("missing"), "bench.throttled")
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"

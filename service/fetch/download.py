@@ -41,7 +41,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream
 
 from service.config import Config, human_size
-from service.fetch import server_claims
+from service.fetch import server_claims, stall
 from service.fetch import tornado_hooks as hooks
 from service.fetch.checkpoint import Checkpoint, strong_validators, validator
 from service.fetch.client import host_of, retry_after_seconds
@@ -167,25 +167,15 @@ class Download:
         # Closing the stream normally ends the fetch at once; should the
         # HTTP client still not resolve it, stop waiting for it.
         if self._gave_up is not None and not self._gave_up.done():
-            # Bound to this request's future: a start over begins another
-            # request within the grace, which this must not cut short.
-            asyncio.get_running_loop().call_later(ABORT_GRACE, _give_up, self._gave_up)
+            asyncio.get_running_loop().call_later(ABORT_GRACE, stall.give_up, self._gave_up)
 
     def _watch(self) -> None:
-        now = time.monotonic()
-        since, at_bytes = self._mark
         if self.error is not None:
             return
-        if self.bytes_done - at_bytes >= self.config.min_speed:
-            self._mark = (now, self.bytes_done)
-        elif now - since >= self.config.idle_timeout:
-            seconds = f"{self.config.idle_timeout:g} s"
-            if now - self.last_progress >= self.config.idle_timeout:
-                message = f"no data from {host_of(self.url)} for {seconds}"
-            else:
-                message = (f"download from {host_of(self.url)} stalled: "
-                           f"{self.bytes_done - at_bytes} bytes in {seconds}")
-            self.abort(FetchError("timeout", message, transient=True))
+        self._mark, stalled = stall.check(self.config, host_of(self.url), self._mark,
+                                          self.bytes_done, self.last_progress)
+        if stalled is not None:
+            self.abort(stalled)
 
     def checkpoint(self, due: bool = False) -> Checkpoint | None:
         """The checkpoint a retry would start from (None: byte 0); with
@@ -482,11 +472,6 @@ class Download:
                 f"header says {server.algorithm} {server.value}, but the "
                 f"{self.bytes_done} bytes received hash to {digests[server.algorithm]}"))
         return fetched
-
-def _give_up(gave_up: asyncio.Future) -> None:
-    if not gave_up.done():
-        gave_up.set_result(None)
-
 
 def _ignore_outcome(future: asyncio.Future) -> None:
     """A given-up fetch may still end later; nobody is waiting for it then."""

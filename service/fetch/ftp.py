@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 from tornado.httputil import HTTPHeaders
 
 from service.config import Config, human_size
+from service.fetch import stall
 from service.fetch.checkpoint import RESUMABLE_ALGORITHMS, Checkpoint
 from service.fetch.download import Fetched
 from service.fetch.errors import FetchError, Interrupted, classify
@@ -223,27 +224,15 @@ class FtpDownload:
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
         if self._gave_up is not None and not self._gave_up.done():
-            asyncio.get_running_loop().call_later(ABORT_GRACE, self._give_up)
-
-    def _give_up(self) -> None:
-        if self._gave_up is not None and not self._gave_up.done():
-            self._gave_up.set_result(None)
+            asyncio.get_running_loop().call_later(ABORT_GRACE, stall.give_up, self._gave_up)
 
     def _watch(self) -> None:
-        now = time.monotonic()
-        since, at_bytes = self._mark
         if self.error is not None:
             return
-        if self.bytes_done - at_bytes >= self.config.min_speed:
-            self._mark = (now, self.bytes_done)
-        elif now - since >= self.config.idle_timeout:
-            seconds = f"{self.config.idle_timeout:g} s"
-            if now - self.last_progress >= self.config.idle_timeout:
-                message = f"no data from {self.host} for {seconds}"
-            else:
-                message = (f"download from {self.host} stalled: "
-                           f"{self.bytes_done - at_bytes} bytes in {seconds}")
-            self.abort(FetchError("timeout", message, transient=True))
+        self._mark, stalled = stall.check(self.config, self.host, self._mark,
+                                          self.bytes_done, self.last_progress)
+        if stalled is not None:
+            self.abort(stalled)
 
     def checkpoint(self, due: bool = False) -> Checkpoint | None:
         return self.resume.due(self.sink) if due else self.resume.latest(self.sink)
