@@ -56,6 +56,27 @@ def test_every_algorithm_from_one_download(service, files):
     assert CountingHandler.hits["all-algos"] == 1
 
 
+def crc(algorithm: str, size: int = SIZE, seed: int = 0) -> str:
+    from service.model.digests import new_hash
+    h = new_hash(algorithm)
+    h.update(body(size, seed))
+    return h.hexdigest()
+
+
+def test_the_object_stores_crcs_are_algorithms_too(service, files):
+    url = files.url(f"/bytes/{SIZE}")
+    task_id = submitted(service, url=url, algorithms="crc64nvme,CRC32C,crc-32",
+                        expected=f"crc32c:{crc('crc32c')}")
+    r = service.wait(task_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["digests"] == {a: crc(a) for a in ("crc32", "crc32c", "crc64nvme")}
+    assert r.json()["md5"] == digest("md5") and r.json()["verified"] is True
+    # The stores' base64 is of the same big-endian bytes.
+    b64 = base64.b64encode(bytes.fromhex(crc("crc64nvme"))).decode()
+    task_id = submitted(service, url=url, expected=f"crc64nvme=:{b64}:")
+    assert service.wait(task_id).json()["verified"] is True
+
+
 def test_algorithms_as_a_json_list_and_as_repeated_form_fields(service, files):
     url = files.url(f"/bytes/{SIZE}")
     r = requests.post(service.base + "/submit", timeout=10,
@@ -110,7 +131,8 @@ def test_a_different_file_fails_as_a_mismatch_without_retrying(service, files):
     ("sha256:xyz", "not hexadecimal"),
     ("sha256:abcd", "has 64 hex digits, not 4"),
     ("md5:" + "a" * 64, "has 32 hex digits, not 64"),
-    ("crc32:deadbeef", "must look like sha256:<hex>"),
+    ("crc16:deadbeef", "must look like sha256:<hex>"),
+    ("crc32c:deadbe", "has 8 hex digits, not 6"),
     ("sha384-" + "A" * 64, "sha384 is not supported"),
     ("sha256-%%%notbase64", "not valid base64"),
     ("sha256-" + base64.b64encode(b"short").decode(), "decodes to 5 bytes"),

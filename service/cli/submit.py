@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("url")
     parser.add_argument("--email", help="mail the result here")
     parser.add_argument("--wait", action="store_true", help="wait and show progress")
-    for name in ("sha1", "sha256", "sha512", "blake2b"):
+    for name in ("sha1", "sha256", "sha512", "blake2b", "crc32", "crc32c", "crc64nvme"):
         parser.add_argument(f"--{name}", action="append_const", const=name, dest="algorithms",
                             help=f"compute {name} too (md5 always is)")
     parser.add_argument("--expect", metavar="CHECKSUM",
