@@ -43,3 +43,89 @@ def test_crcs_are_requestable_and_expected():
     assert parse_algorithms(["CRC-32C,crc64nvme"]) == ["md5", "crc32c", "crc64nvme"]
     assert str(parse_expected("crc32c:E3069283")) == "crc32c:e3069283"
     assert str(parse_expected("crc32c=:4waSgw==:")) == "crc32c:e3069283"
+
+
+# -- claims read off headers -----------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def test_candidate_part_sizes_are_the_consistent_ones():
+    from service.fetch.multipart import candidate_sizes
+    assert candidate_sizes(100 * MIB, 13) == [8 * MIB]
+    assert candidate_sizes(20 * MIB, 2) == [15 * MIB, 16 * MIB, 10 * MIB]
+    # ceil(length/parts) rounded up to MiB when no uploader's size fits.
+    assert candidate_sizes(1000 * MIB + 5, 7) == [143 * MIB]
+    assert candidate_sizes(3 * MIB, 1) == [] and candidate_sizes(2, 3) == []
+    # The first part's size, when the server told it, is tried first.
+    assert candidate_sizes(30 * MIB, 3, first_part=12 * MIB) == [12 * MIB, 10 * MIB]
+
+
+def test_part_digests_split_at_boundaries_whatever_the_blocks():
+    import hashlib
+
+    from service.fetch.multipart import PartDigests
+    data = bytes(range(256)) * 41  # 10,496 bytes: parts of 4,000, 4,000, 2,496
+    parts = [hashlib.md5(data[i:i + 4000]).digest() for i in range(0, len(data), 4000)]
+    for step in (1, 999, 4000, 7000, len(data)):
+        p = PartDigests("md5", 4000)
+        for i in range(0, len(data), step):
+            p.update(data[i:i + step])
+        assert p.combined() == (hashlib.md5(b"".join(parts)).hexdigest(), 3)
+
+
+def _headers(**fields):
+    from tornado.httputil import HTTPHeaders
+    h = HTTPHeaders()
+    for name, value in fields.items():
+        for v in value if isinstance(value, list) else [value]:
+            h.add(name.replace("_", "-"), v)
+    return h
+
+
+def test_the_stores_headers_become_claims():
+    from service.fetch.server_claims import claims, pick
+    found = claims(_headers(
+        x_amz_checksum_crc64nvme="rosUhgp5mIg=", x_amz_checksum_type="FULL_OBJECT",
+        ETag='"' + "a" * 32 + '-12"', x_goog_hash=["crc32c=4waSgw==", "md5=JdVa0Vw7.."]))
+    shown = [(c.header, c.checksum.algorithm, c.checksum.hex, c.parts, c.binding) for c in found]
+    assert shown == [
+        ("x-amz-checksum-crc64nvme", "crc64nvme", "ae8b14860a799888", None, True),
+        ("x-goog-hash", "crc32c", "e3069283", None, True),  # the bad md5 is ignored
+        ("ETag", "md5", "a" * 32, 12, False)]
+    assert pick(found, ["md5"]).header == "x-amz-checksum-crc64nvme"
+    composite = claims(_headers(x_amz_checksum_crc32c="4waSgw==-3",
+                                x_amz_checksum_type="COMPOSITE", ETag='"' + "b" * 32 + '-3"'))
+    assert [(c.header, c.parts) for c in composite] == [("x-amz-checksum-crc32c", 3),
+                                                          ("ETag", 3)]
+    assert pick(composite, ["md5"]).header == "x-amz-checksum-crc32c"
+    # A COMPOSITE value without its part count cannot be checked.
+    assert claims(_headers(x_amz_checksum_crc32c="4waSgw==",
+                           x_amz_checksum_type="COMPOSITE")) == []
+    # A range's answer: only whole-representation digests.
+    assert claims(_headers(x_amz_checksum_crc32c="4waSgw=="), partial=True) == []
+
+
+def test_presigned_urls_get_no_checksum_mode():
+    from tornado.httputil import HTTPHeaders
+
+    from service.fetch.server_claims import REQUEST_HEADERS, before_hop
+    for url, kept in [
+        ("https://b.s3.amazonaws.com/k", True),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Signature=ab&X-Amz-Credential=c", False),
+        ("https://b.s3.amazonaws.com/k?AWSAccessKeyId=a&Expires=1&Signature=x", False),
+        ("https://storage.googleapis.com/b/k?x-goog-signature=ab", False),
+    ]:
+        for headers in (dict(REQUEST_HEADERS), HTTPHeaders(REQUEST_HEADERS)):
+            before_hop(url, headers)
+            assert ("x-amz-checksum-mode" in headers) is kept, url
+            assert "Want-Repr-Digest" in headers
+
+
+def test_a_server_digest_recorded_before_26_reads():
+    from service.model.digests import ServerDigest
+    etag = ServerDigest.from_doc({"algorithm": "md5", "value": "a" * 32, "header": "ETag",
+                                  "match": False})
+    assert etag.verified is None and etag.parts is None
+    assert ServerDigest.from_doc({"algorithm": "md5", "value": "a" * 32,
+                                  "header": "Content-MD5", "match": False}).verified is False

@@ -191,7 +191,8 @@ def test_a_server_digest_that_matches_is_recorded(service, files, header, alg, s
     assert "digests" not in r.json()
     task = service.task(task_id)
     assert task["server_digest"] == {"algorithm": computed, "value": digest(computed),
-                                     "header": shown, "match": True}
+                                     "header": shown, "match": True, "verified": True,
+                                     "why": None, "parts": None, "part_size": None}
     assert "sha-256=10" in ClaimsHandler.seen_want[-1]
 
 
@@ -216,7 +217,9 @@ def test_a_server_digest_that_never_matches_fails_with_both_values(make_service,
     assert claimed in task["error"] and digest("md5") in task["error"]
     assert "Content-MD5" in task["error"]
     assert task["server_digest"] == {"algorithm": "md5", "value": claimed,
-                                     "header": "Content-MD5", "match": False}
+                                     "header": "Content-MD5", "match": False,
+                                     "verified": False, "why": None, "parts": None,
+                                     "part_size": None}
 
 
 def test_an_etag_that_is_not_the_md5_is_only_noted(service, files):
@@ -224,7 +227,9 @@ def test_an_etag_that_is_not_the_md5_is_only_noted(service, files):
     task_id = submitted(service, url=files.url(f"/claims/{SIZE}?header=etag&wrong=1"))
     r = service.wait(task_id)
     assert r.status_code == 200 and r.json()["md5"] == digest("md5")
-    assert service.task(task_id)["server_digest"]["match"] is False
+    server = service.task(task_id)["server_digest"]
+    assert server["match"] is False and server["verified"] is None
+    assert "not taken as corruption" in server["why"]
 
 
 def test_digests_in_the_database_for_the_mongo_shell(service, files):

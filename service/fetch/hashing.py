@@ -88,6 +88,10 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 class DigestSink:
     def __init__(self, algorithms: Iterable[str], executor: Executor | None):
         self._hashes: dict[str, Any] = {a: new_hash(a) for a in algorithms}
+        # Fed the same bytes, but not digests of the file: a multipart
+        # claim's part digests (``watch``), and those claims' checks.
+        self._watchers: list[Any] = []
+        self.checks: list[Any] = []
         self._fed = False
         self._buffer = bytearray()
         self._executor = executor
@@ -107,6 +111,14 @@ class DigestSink:
         if self._fed:
             raise RuntimeError("a digest cannot be added once bytes were hashed")
         self._hashes.setdefault(algorithm, new_hash(algorithm))
+
+    def watch(self, consumer: Any) -> None:
+        """Feed ``consumer.update`` the body too, from the first byte on,
+        on a lane of its own. A checkpoint does not save it: a resumed
+        download does without it."""
+        if self._fed:
+            raise RuntimeError("a consumer cannot be added once bytes were hashed")
+        self._watchers.append(consumer)
 
     def make_resumable(self, states: dict[str, bytes] | None = None, offset: int = 0) -> None:
         """Hash with serializable hashers from here on, before the first
@@ -153,7 +165,8 @@ class DigestSink:
             self._update_all(block)
             return
         if self._lanes is None:
-            self._lanes = [_Lane(h, self._executor) for h in self._hashes.values()]
+            self._lanes = [_Lane(h, self._executor)
+                           for h in [*self._hashes.values(), *self._watchers]]
         self._blocks.append([lane.update(block) for lane in self._lanes])
         self._hashed += len(block)
 
@@ -170,6 +183,8 @@ class DigestSink:
     def _update_all(self, block: bytes | bytearray) -> None:
         for h in self._hashes.values():
             h.update(block)
+        for watcher in self._watchers:
+            watcher.update(block)
         self._hashed += len(block)
 
     async def _drain(self) -> None:

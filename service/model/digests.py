@@ -132,18 +132,59 @@ class Checksum:
 
 @dataclasses.dataclass(frozen=True)
 class ServerDigest:
-    """The digest a server claimed in a header, compared with the bytes."""
+    """The digest a server claimed in a header, compared with the bytes.
+
+    ``verified``: true when the bytes match it; false when a claim that
+    binds the server (not an ETag, not a multipart one) does not (the
+    transfer was corrupted); null when a difference proves nothing (an
+    ETag that is not an MD5, a multipart claim none of the part sizes
+    tried reproduces), ``why`` saying so. A multipart claim (S3's
+    ``"<md5>-<parts>"`` ETag, a COMPOSITE ``x-amz-checksum-*``) has its
+    ``parts`` count and, when verified, the ``part_size`` that matched."""
     algorithm: str
     value: str
     header: str
     match: bool
+    verified: bool | None = None
+    why: str | None = None
+    parts: int | None = None
+    part_size: int | None = None
 
     def to_doc(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_doc(cls, doc: dict | None) -> ServerDigest | None:
-        return cls(**doc) if doc else None
+        if not doc:
+            return None
+        doc = dict(doc)
+        if "verified" not in doc:  # recorded before #26: an ETag was a hint
+            doc["verified"] = True if doc["match"] else (
+                None if doc["header"] == "ETag" else False)
+        fields: dict[str, Any] = {f.name: doc.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """One line for people (mail, CLI): which claim, and how it went."""
+        claim = f"{self.header} ({self.algorithm}"
+        if self.parts:
+            claim += f" of {self.parts} parts"
+        claim += ")"
+        if self.verified:
+            how = ""
+            if self.part_size:
+                how = f", with parts of {human_bytes(self.part_size)}"
+            return f"verified against the server's {claim}{how}"
+        if self.verified is False:
+            return f"the server's {claim} does NOT match the bytes received"
+        return f"the server's {claim} is unverified: {self.why or 'no reason recorded'}"
+
+
+def human_bytes(n: int) -> str:
+    """8388608 -> '8 MiB'; sizes that are not whole MiB in bytes."""
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)} MiB"
+    return f"{n} bytes"
 
 
 def parse_expected(text: str) -> Checksum:
