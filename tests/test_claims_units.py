@@ -129,3 +129,25 @@ def test_a_server_digest_recorded_before_26_reads():
     assert etag.verified is None and etag.parts is None
     assert ServerDigest.from_doc({"algorithm": "md5", "value": "a" * 32,
                                   "header": "Content-MD5", "match": False}).verified is False
+
+
+# -- how the check reads: mail, CLI ------------------------------------------------
+
+def test_the_mail_says_which_claim_was_verified_and_how():
+    from service import config as config_mod
+    from service.model.digests import ServerDigest
+    from service.model.task import Status, Task
+    from service.notify.mailer import build_message
+    task = Task.new("http://h.test/f", "u@example.com", mail_enabled=True)
+    task.status, task.md5 = Status.DONE, "d41d8cd98f00b204e9800998ecf8427e"
+    task.digests = {"md5": task.md5}
+    task.server_digest = ServerDigest("md5", "ab" * 16, "ETag", True, True, parts=13,
+                                      part_size=8 * MIB)
+    text = build_message(config_mod.load(None, {}), task).get_content()
+    assert task.md5 in text
+    assert ("The server's own checksum: verified against the server's ETag (md5 of 13 "
+            "parts), with parts of 8 MiB.") in text
+    task.server_digest = ServerDigest("md5", "ab" * 16, "ETag", False, None, "no size fits",
+                                      parts=3)
+    text = build_message(config_mod.load(None, {}), task).get_content()
+    assert "the server's ETag (md5 of 3 parts) is unverified: no size fits" in text

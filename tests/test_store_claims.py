@@ -140,3 +140,19 @@ def test_no_checksum_mode_to_a_presigned_url_even_after_a_redirect(service, file
         r = service.wait(task_id)
         assert r.status_code == 200, r.text
         assert r.json()["md5"] == md5_of(SIZE)
+
+
+def test_the_cli_says_which_claim_was_verified_and_how(service, files):
+    import subprocess
+    import sys
+
+    from servicectl import ROOT
+    part = 5 * MIB
+    url = files.url(f"/store/{2 * part + 1}?etag={part}")
+    out = subprocess.run([sys.executable, "run.py", "submit", url, "--wait",
+                          "--server", service.base], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{md5_of(2 * part + 1)}  {url}"]
+    assert ("server: verified against the server's ETag (md5 of 3 parts), with parts of "
+            "5 MiB") in out.stderr

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.model.digests import ServerDigest, human_bytes, new_hash
+from service.model.claim_text import human_bytes
+from service.model.digests import ServerDigest, new_hash
 
 MIB = 1024 * 1024
 # The part sizes uploaders use, most common first.

@@ -27,6 +27,8 @@ from typing import Any
 
 from awscrt import checksums
 
+from service.model import claim_text
+
 # Canonical names, in the order they are shown, and their digest sizes.
 DIGEST_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64, "blake2b": 64,
                 "crc32": 4, "crc32c": 4, "crc64nvme": 8}
@@ -166,25 +168,7 @@ class ServerDigest:
 
     def describe(self) -> str:
         """One line for people (mail, CLI): which claim, and how it went."""
-        claim = f"{self.header} ({self.algorithm}"
-        if self.parts:
-            claim += f" of {self.parts} parts"
-        claim += ")"
-        if self.verified:
-            how = ""
-            if self.part_size:
-                how = f", with parts of {human_bytes(self.part_size)}"
-            return f"verified against the server's {claim}{how}"
-        if self.verified is False:
-            return f"the server's {claim} does NOT match the bytes received"
-        return f"the server's {claim} is unverified: {self.why or 'no reason recorded'}"
-
-
-def human_bytes(n: int) -> str:
-    """8388608 -> '8 MiB'; sizes that are not whole MiB in bytes."""
-    if n % (1024 * 1024) == 0:
-        return f"{n // (1024 * 1024)} MiB"
-    return f"{n} bytes"
+        return claim_text.describe(self.to_doc())
 
 
 def parse_expected(text: str) -> Checksum:
