@@ -76,7 +76,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@failed=""; \
-	for b in perf digests compare scaling; do \
+	for b in perf digests claims compare scaling; do \
 		$(BIN)/python -m bench.$$b || failed="$$failed bench.$$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
