@@ -151,3 +151,39 @@ def test_the_mail_says_which_claim_was_verified_and_how():
                                       parts=3)
     text = build_message(config_mod.load(None, {}), task).get_content()
     assert "the server's ETag (md5 of 3 parts) is unverified: no size fits" in text
+
+
+def test_a_held_sink_hashes_nothing_until_the_gate_and_feeds_watchers_from_byte_0():
+    import asyncio
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.fetch.hashing import BLOCK, DigestSink
+    from service.fetch.multipart import PartDigests
+    data = bytes(range(256)) * (3 * BLOCK // 256) + b"tail"
+
+    async def run(pool):
+        sink = DigestSink(["md5"], pool)
+        gate = asyncio.get_running_loop().create_future()
+        sink.hold(gate)
+        part = PartDigests("md5", BLOCK)
+        first = sink.feed(data[:1000])
+        assert first is not None  # the reader waits for the gate
+        waiting = asyncio.ensure_future(first)
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        sink.watch(part)  # what the gate's answer decided
+        gate.set_result(None)
+        await waiting
+        for i in range(1000, len(data), 70_000):
+            waiter = sink.feed(data[i:i + 70_000])
+            if waiter is not None:
+                await waiter
+        return await sink.hexdigests(), part.combined()
+
+    parts = b"".join(hashlib.md5(data[i:i + BLOCK]).digest() for i in range(0, len(data), BLOCK))
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            digests, combined = asyncio.run(run(executor))
+            assert digests == {"md5": hashlib.md5(data).hexdigest()}
+            assert combined == (hashlib.md5(parts).hexdigest(), 4)

@@ -169,15 +169,42 @@ def test_a_full_object_checksum_of_a_multipart_upload_is_verified(service, s3, a
     assert server["value"] == digest(name, data).hex()
 
 
-def test_parts_of_a_size_no_uploader_uses_are_unverified_not_corrupted(service, s3):
-    data = body(2 * 6 * MIB + 1, seed=11)  # 6 MiB parts: 5 MiB is the one consistent guess
+def test_parts_of_a_size_no_uploader_uses_are_found_by_asking_the_server(service, s3):
+    # 6 MiB parts: of the uploaders' sizes only 5 MiB is consistent, and
+    # wrong; HEAD ?partNumber=1 tells the first part's length.
+    data = body(2 * 6 * MIB + 1, seed=11)
     url = put_multipart(s3, "odd-parts", data, 6 * MIB, "CRC32C", "COMPOSITE")
+    head = requests.head(url + "?partNumber=1", timeout=10)
+    assert (head.headers["Content-Length"], head.headers["x-amz-mp-parts-count"]) == \
+        (str(6 * MIB), "3")
     task = run(service, url)
+    server = task["server_digest"]
+    assert (server["header"], server["verified"], server["parts"], server["part_size"]) == \
+        ("x-amz-checksum-crc32c", True, 3, 6 * MIB)
+    url = put_multipart(s3, "odd-etag", data, 6 * MIB)
+    server = run(service, url)["server_digest"]
+    assert (server["header"], server["verified"], server["part_size"]) == ("ETag", True, 6 * MIB)
+
+
+def test_parts_of_unequal_sizes_are_unverified_not_corrupted(service, s3):
+    data = body(13 * MIB, seed=14)
+    key = "unequal"
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key=key, ACL="public-read")["UploadId"]
+    parts = []
+    for number, (start, end) in enumerate([(0, 5 * MIB), (5 * MIB, 12 * MIB),
+                                           (12 * MIB, 13 * MIB)], 1):
+        answer = s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=number,
+                                Body=data[start:end])
+        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+    s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload,
+                                 MultipartUpload={"Parts": parts})
+    task = run(service, f"{s3.endpoint}/{BUCKET}/{key}")
     server = task["server_digest"]
     assert task["status"] == "done" and task["attempts"] == 1
     assert (server["header"], server["verified"], server["parts"], server["part_size"]) == \
-        ("x-amz-checksum-crc32c", None, 3, None)
-    assert "no part size tried (5 MiB)" in server["why"]
+        ("ETag", None, 3, None)
+    assert server["why"].startswith("the server's first part is 5 MiB, and parts of that size "
+                                    "do not give this md5")
 
 
 def test_an_object_rotten_at_the_server_fails_as_corrupted(make_service, s3):

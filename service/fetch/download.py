@@ -220,7 +220,7 @@ class Download:
         self.claim = server_claims.pick(server_claims.claims(self._headers),
                                         self.sink.algorithms)
         if self.claim is not None:
-            server_claims.prepare(self.claim, self.sink, self.bytes_total)
+            server_claims.prepare(self.claim, self.sink, self.bytes_total, self._headers, self)
         self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim)
         self._hashing = True
 

@@ -92,6 +92,8 @@ class DigestSink:
         # claim's part digests (``watch``), and those claims' checks.
         self._watchers: list[Any] = []
         self.checks: list[Any] = []
+        # What the first byte must wait for (``hold``).
+        self._gate: asyncio.Future | None = None
         self._fed = False
         self._buffer = bytearray()
         self._executor = executor
@@ -120,6 +122,18 @@ class DigestSink:
             raise RuntimeError("a consumer cannot be added once bytes were hashed")
         self._watchers.append(consumer)
 
+    def hold(self, gate: asyncio.Future) -> None:
+        """Hash nothing until ``gate`` is done (it may ``watch`` more
+        consumers meanwhile): the first ``feed`` returns an awaitable that
+        waits for it, so the reader pauses instead of buffering."""
+        self._gate = gate
+
+    async def _after_gate(self, gate: asyncio.Future, chunk: bytes) -> None:
+        await asyncio.wait([gate])
+        waiter = self.feed(chunk)
+        if waiter is not None:
+            await waiter
+
     def make_resumable(self, states: dict[str, bytes] | None = None, offset: int = 0) -> None:
         """Hash with serializable hashers from here on, before the first
         byte: fresh ones, or ones restored from a checkpoint at ``offset``
@@ -145,6 +159,10 @@ class DigestSink:
         return {a: h.state() for a, h in self._hashes.items()}
 
     def feed(self, chunk: bytes) -> Awaitable[object] | None:
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            if not gate.done():
+                return self._after_gate(gate, chunk)
         self._fed = True
         if self.resumable:
             # Unbuffered: a checkpoint then stands at the last byte received.
@@ -193,6 +211,9 @@ class DigestSink:
 
     async def hexdigests(self) -> dict[str, str]:
         """Every digest, by algorithm, once the last block is hashed."""
+        if self._gate is not None:  # no byte came: nothing waited for it
+            await asyncio.wait([self._gate])
+            self._gate = None
         await self._drain()
         if self._buffer:
             if self._executor is None or len(self._buffer) < INLINE:

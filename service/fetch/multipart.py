@@ -18,12 +18,18 @@ never as corruption.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from service.model.claim_text import human_bytes
 from service.model.digests import ServerDigest, new_hash
 
 MIB = 1024 * 1024
+# The part-size question (HEAD ?partNumber=1) waits at most this long
+# before the body is hashed with the uploaders' sizes instead.
+PROBE_TIMEOUT = 5.0
 # The part sizes uploaders use, most common first.
 UPLOADER_SIZES = (8 * MIB, 15 * MIB, 16 * MIB, 5 * MIB, 64 * MIB, 100 * MIB)
 
@@ -91,12 +97,20 @@ class MultipartCheck:
     candidate is a consumer of the sink of its own (``DigestSink.watch``),
     so they hash on separate lanes, in parallel with the file's digests."""
 
-    def __init__(self, algorithm: str, value: str, header: str, parts: int, length: int,
-                 first_part: int | None = None):
+    def __init__(self, algorithm: str, value: str, header: str, parts: int, length: int):
         self.algorithm, self.value, self.header, self.parts = algorithm, value, header, parts
         self.length = length
-        self.sizes = candidate_sizes(length, parts, first_part)
+        self.sizes = candidate_sizes(length, parts)
         self.candidates = [PartDigests(algorithm, size) for size in self.sizes]
+        # The first part's length as the server told it (HEAD ?partNumber=1).
+        self.first_part: int | None = None
+
+    def told(self, first_part: int) -> None:
+        """The server said how long the first part is: only that size is
+        tried (parts of equal size but the last; none if it cannot be)."""
+        self.first_part = first_part
+        self.sizes = [first_part] if consistent(first_part, self.length, self.parts) else []
+        self.candidates = [PartDigests(self.algorithm, size) for size in self.sizes]
 
     def result(self) -> ServerDigest:
         for candidate in self.candidates:
@@ -111,6 +125,13 @@ class MultipartCheck:
                             parts=self.parts)
 
     def _why(self) -> str:
+        if self.first_part is not None:
+            told = f"the server's first part is {human_bytes(self.first_part)}"
+            if not self.sizes:
+                return (f"{told}, and {self.parts} parts of that size cannot make "
+                        f"{self.length} bytes: the parts differ in size")
+            return (f"{told}, and parts of that size do not give this {self.algorithm}; "
+                    "the parts may differ in size")
         if not self.sizes:
             return (f"no part size is consistent with {self.length} bytes in {self.parts} "
                     "parts among those tried")
@@ -128,3 +149,47 @@ def single_part(algorithm: str, value: str, header: str, whole_hex: str) -> Serv
         return ServerDigest(algorithm, value, header, True, True, parts=1)
     return ServerDigest(algorithm, value, header, False, None,
                         "the digest of the file's digest differs (one part)", parts=1)
+
+
+async def first_part_size(config: Any, url: str, parts: int) -> int | None:
+    """The first part's length, asked of an S3-like server with ``HEAD
+    <url>?partNumber=1``: S3 answers that part's Content-Length and the
+    object's ``x-amz-mp-parts-count``. None when the answer is not that
+    (another server, a refusal, a part count that differs, a time-out).
+    The request goes through a client of ``make_client`` (the address
+    policy, the worker's hooks) of its own, so that probes never wait for
+    a connection slot that the downloads waiting for them hold."""
+    from service.fetch import tornado_hooks as hooks
+    # Not this download's connection: the watchdog must not close it.
+    hooks.TrackingTCPClient.current.set(None)
+    split = urllib.parse.urlsplit(url)
+    query = f"{split.query}&partNumber=1" if split.query else "partNumber=1"
+    request = HTTPRequest(
+        urllib.parse.urlunsplit(split._replace(query=query, fragment="")), method="HEAD",
+        headers={"Accept-Encoding": "identity"}, follow_redirects=False,
+        connect_timeout=min(config.connect_timeout, PROBE_TIMEOUT),
+        request_timeout=PROBE_TIMEOUT)
+    try:
+        response = await _probe_client(config).fetch(request, raise_error=False)
+    except Exception:  # noqa: BLE001 - no answer is an answer: use the uploaders' sizes
+        return None
+    if response.code not in (200, 206):
+        return None
+    count = response.headers.get("x-amz-mp-parts-count", "").strip()
+    length = response.headers.get("Content-Length", "").strip()
+    if not (count.isascii() and count.isdigit() and int(count) == parts):
+        return None
+    if not (length.isascii() and length.isdigit() and int(length) > 0):
+        return None
+    return int(length)
+
+
+_PROBE_CLIENTS: dict[int, AsyncHTTPClient] = {}
+
+
+def _probe_client(config: Any) -> AsyncHTTPClient:
+    from service.fetch.client import make_client
+    key = id(config)
+    if key not in _PROBE_CLIENTS:
+        _PROBE_CLIENTS[key] = make_client(config)
+    return _PROBE_CLIENTS[key]

@@ -25,14 +25,20 @@ request, redirect hops included, to a URL signed in its query
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import urllib.parse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tornado.httputil import HTTPHeaders
 
-from service.fetch.multipart import MultipartCheck, single_part
+from service.fetch.multipart import (
+    PROBE_TIMEOUT,
+    MultipartCheck,
+    first_part_size,
+    single_part,
+)
 from service.model.digests import (
     Checksum,
     DigestSpecError,
@@ -143,10 +149,14 @@ def pick(found: list[Claim], computing: list[str]) -> Claim | None:
     return min(found, key=rank)
 
 
-def prepare(claim: Claim, sink: DigestSink, length: int | None) -> None:
+def prepare(claim: Claim, sink: DigestSink, length: int | None,
+            headers: HTTPHeaders | None = None, download: Any = None) -> None:
     """Before the first byte: have ``sink`` compute what checking ``claim``
     takes (its algorithm over the whole file, or each candidate part
-    size's part digests)."""
+    size's part digests). For a multipart claim from an S3-like server
+    (``probe_allowed``), the first part's size is asked first
+    (``multipart.first_part_size``): the sink holds the body's first bytes
+    until the answer, at most ``PROBE_TIMEOUT``."""
     if claim.parts is None or claim.parts == 1:
         sink.add(claim.checksum.algorithm)
         return
@@ -154,9 +164,34 @@ def prepare(claim: Claim, sink: DigestSink, length: int | None) -> None:
         return
     check = MultipartCheck(claim.checksum.algorithm, claim.checksum.hex, claim.header,
                            claim.parts, length)
-    for candidate in check.candidates:
-        sink.watch(candidate)
     sink.checks.append(check)
+    url = str(getattr(download, "hop_url", None) or getattr(download, "url", ""))
+    if download is None or headers is None or not probe_allowed(url, headers):
+        for candidate in check.candidates:
+            sink.watch(candidate)
+        return
+
+    async def probe() -> None:
+        try:
+            size = await asyncio.wait_for(
+                first_part_size(download.config, url, check.parts), PROBE_TIMEOUT + 1)
+        except Exception:  # noqa: BLE001 - a time-out included: guess instead
+            size = None
+        if size is not None:
+            check.told(size)
+        for candidate in check.candidates:
+            sink.watch(candidate)
+
+    sink.hold(asyncio.ensure_future(probe()))
+
+
+def probe_allowed(url: str, headers: HTTPHeaders) -> bool:
+    """Whether to ask ``?partNumber=1``: the answer came from an S3-like
+    server (x-amz-* headers: S3 always sends x-amz-request-id; moto and
+    other AWS services x-amzn-RequestId), and the URL is not signed in its
+    query (an added parameter would break the signature)."""
+    return any(name.lower().startswith(("x-amz-", "x-amzn-")) for name in headers) \
+        and not signed_in_query(url)
 
 
 def compare(claim: Claim, digests: dict[str, str],

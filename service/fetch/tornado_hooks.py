@@ -257,6 +257,10 @@ class Client(SimpleAsyncHTTPClient):
     def fetch_impl(self, request: Any, callback: Callable[[Any], None]) -> None:
         if self.before_hop is not None:
             self.before_hop(request.url, request.headers)
+        owner = TrackingTCPClient.current.get()
+        if owner is not None:
+            # The URL of the hop being fetched (the download's own is the first).
+            owner.hop_url = request.url
         super().fetch_impl(request, callback)
 
 
