@@ -102,6 +102,11 @@ def test_the_stores_headers_become_claims():
     # A COMPOSITE value without its part count cannot be checked.
     assert claims(_headers(x_amz_checksum_crc32c="4waSgw==",
                            x_amz_checksum_type="COMPOSITE")) == []
+    # GCS's hash of a gzip-stored object served decompressed is not of the bytes.
+    assert claims(_headers(x_goog_hash="crc32c=4waSgw==",
+                           x_goog_stored_content_encoding="gzip")) == []
+    assert len(claims(_headers(x_goog_hash="crc32c=4waSgw==", Content_Encoding="gzip",
+                               x_goog_stored_content_encoding="gzip"))) == 1
     # A range's answer: only whole-representation digests.
     assert claims(_headers(x_amz_checksum_crc32c="4waSgw=="), partial=True) == []
 

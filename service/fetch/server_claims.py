@@ -125,8 +125,14 @@ def _object_stores(headers: HTTPHeaders) -> list[Claim]:
             found += _decoded(name, composite.group(1), header, int(composite.group(2)))
         elif value and kind != "COMPOSITE":  # a COMPOSITE without its part count
             found += _decoded(name, value, header)
-    for name, value in _members(headers.get_list("x-goog-hash")):
-        found += _decoded(_GOOG.get(name), value, "x-goog-hash")
+    # GCS hashes the stored bytes: an object stored gzip-compressed is
+    # served decompressed (decompressive transcoding) to a request without
+    # Accept-Encoding: gzip, and its x-goog-hash is not of what was sent.
+    stored = headers.get("x-goog-stored-content-encoding", "").strip().lower()
+    served = headers.get("Content-Encoding", "").strip().lower()
+    if stored in ("", "identity") or stored == served:
+        for name, value in _members(headers.get_list("x-goog-hash")):
+            found += _decoded(_GOOG.get(name), value, "x-goog-hash")
     md5 = headers.get("x-ms-blob-content-md5", "").strip()
     if md5:
         found += _decoded("md5", md5, "x-ms-blob-content-md5")
