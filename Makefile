@@ -96,7 +96,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	@# bench.segments compares against aria2c -x4 -s4 followed by md5sum.
 	@command -v aria2c >/dev/null || (apt-get update -qq && apt-get install -y -qq aria2)
 	@failed=""; \
-	for b in perf digests segments compare scaling; do \
+	for b in perf digests segments claims compare scaling; do \
 		$(BIN)/python -m bench.$$b || failed="$$failed bench.$$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi

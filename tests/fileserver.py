@@ -231,6 +231,73 @@ class ClaimsHandler(_Base):
         self.finish(data)
 
 
+def _crc(name: str, data: bytes) -> bytes:
+    from service.model.digests import new_hash
+    h = new_hash(name)
+    h.update(data)
+    return h.digest()
+
+
+def _parts_digest(name: str, data: bytes, part: int) -> tuple[bytes, int]:
+    """The digest of the parts' digests (S3's multipart ETag, COMPOSITE)."""
+    digests = [_crc(name, data[i:i + part]) for i in range(0, len(data), part)] or \
+        [_crc(name, b"")]
+    return _crc(name, b"".join(digests)), len(digests)
+
+
+class StoreClaimsHandler(_Base):
+    """/bytes/<size> with the headers object stores send, for stores this
+    suite cannot run (GCS, Azure) and S3 shapes moto does not make:
+    ?amz=<crc64nvme|crc32c|crc32|sha1|sha256>&type=FULL_OBJECT|COMPOSITE
+    (COMPOSITE with part=<bytes>); etag=<part bytes> (S3's multipart ETag);
+    goog=crc32c,md5 (x-goog-hash, one header per digest); azure=1
+    (x-ms-blob-content-md5). wrong=1 claims other bytes' digests.
+    Remembers the x-amz-checksum-mode of each request."""
+
+    seen_mode: list[str | None] = []
+
+    def get(self, size: str) -> None:
+        data = body(int(size), self.seed())
+        self.seen_mode.append(self.request.headers.get("x-amz-checksum-mode"))
+        claimed = data + b"!" if self.get_argument("wrong", None) else data
+        amz = self.get_argument("amz", None)
+        if amz:
+            kind = self.get_argument("type", "FULL_OBJECT")
+            if kind == "COMPOSITE":
+                raw, parts = _parts_digest(amz, claimed, int(self.get_argument("part")))
+                value = f"{base64.b64encode(raw).decode()}-{parts}"
+            else:
+                value = base64.b64encode(_crc(amz, claimed)).decode()
+            self.set_header(f"x-amz-checksum-{amz}", value)
+            self.set_header("x-amz-checksum-type", kind)
+        if self.get_argument("etag", None):
+            raw, parts = _parts_digest("md5", claimed, int(self.get_argument("etag")))
+            self.set_header("ETag", f'"{raw.hex()}-{parts}"')
+        for name in filter(None, self.get_argument("goog", "").split(",")):
+            self.add_header("x-goog-hash",
+                            f"{name}={base64.b64encode(_crc(name, claimed)).decode()}")
+        if self.get_argument("azure", None):
+            self.set_header("x-ms-blob-content-md5",
+                            base64.b64encode(hashlib.md5(claimed).digest()).decode())
+        self.set_header("Content-Length", str(len(data)))
+        self.finish(data)
+
+
+class PresignedHandler(_Base):
+    """What S3 answers a presigned URL's request carrying an x-amz-* header
+    its signature does not cover: 403 AccessDenied."""
+
+    def get(self, size: str) -> None:
+        if self.request.headers.get("x-amz-checksum-mode"):
+            self.set_status(403)
+            self.finish("<Error><Code>AccessDenied</Code><Message>There were headers present "
+                        "in the request which were not signed</Message></Error>")
+            return
+        data = body(int(size), self.seed())
+        self.set_header("Content-Length", str(len(data)))
+        self.finish(data)
+
+
 def make_app() -> web.Application:
     return web.Application([
         (r"/bytes/(\d+)", BytesHandler),
@@ -247,6 +314,8 @@ def make_app() -> web.Application:
         (r"/endless", EndlessHandler),
         (r"/gzip/(\d+)", GzipHandler),
         (r"/claims/(\d+)", ClaimsHandler),
+        (r"/store/(\d+)", StoreClaimsHandler),
+        (r"/presigned/(\d+)", PresignedHandler),
         (r"/range/([\w-]+)/(\d+)", RangeHandler),
         (r"/versioned/([\w-]+)/(\d+)", VersionedHandler),
         (r"/pieces/([\w-]+)/(\d+)", PiecesHandler),

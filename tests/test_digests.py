@@ -56,6 +56,27 @@ def test_every_algorithm_from_one_download(service, files):
     assert CountingHandler.hits["all-algos"] == 1
 
 
+def crc(algorithm: str, size: int = SIZE, seed: int = 0) -> str:
+    from service.model.digests import new_hash
+    h = new_hash(algorithm)
+    h.update(body(size, seed))
+    return h.hexdigest()
+
+
+def test_the_object_stores_crcs_are_algorithms_too(service, files):
+    url = files.url(f"/bytes/{SIZE}")
+    task_id = submitted(service, url=url, algorithms="crc64nvme,CRC32C,crc-32",
+                        expected=f"crc32c:{crc('crc32c')}")
+    r = service.wait(task_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["digests"] == {a: crc(a) for a in ("crc32", "crc32c", "crc64nvme")}
+    assert r.json()["md5"] == digest("md5") and r.json()["verified"] is True
+    # The stores' base64 is of the same big-endian bytes.
+    b64 = base64.b64encode(bytes.fromhex(crc("crc64nvme"))).decode()
+    task_id = submitted(service, url=url, expected=f"crc64nvme=:{b64}:")
+    assert service.wait(task_id).json()["verified"] is True
+
+
 def test_algorithms_as_a_json_list_and_as_repeated_form_fields(service, files):
     url = files.url(f"/bytes/{SIZE}")
     r = requests.post(service.base + "/submit", timeout=10,
@@ -110,7 +131,8 @@ def test_a_different_file_fails_as_a_mismatch_without_retrying(service, files):
     ("sha256:xyz", "not hexadecimal"),
     ("sha256:abcd", "has 64 hex digits, not 4"),
     ("md5:" + "a" * 64, "has 32 hex digits, not 64"),
-    ("crc32:deadbeef", "must look like sha256:<hex>"),
+    ("crc16:deadbeef", "must look like sha256:<hex>"),
+    ("crc32c:deadbe", "has 8 hex digits, not 6"),
     ("sha384-" + "A" * 64, "sha384 is not supported"),
     ("sha256-%%%notbase64", "not valid base64"),
     ("sha256-" + base64.b64encode(b"short").decode(), "decodes to 5 bytes"),
@@ -169,7 +191,8 @@ def test_a_server_digest_that_matches_is_recorded(service, files, header, alg, s
     assert "digests" not in r.json()
     task = service.task(task_id)
     assert task["server_digest"] == {"algorithm": computed, "value": digest(computed),
-                                     "header": shown, "match": True}
+                                     "header": shown, "match": True, "verified": True,
+                                     "why": None, "parts": None, "part_size": None}
     assert "sha-256=10" in ClaimsHandler.seen_want[-1]
 
 
@@ -194,7 +217,9 @@ def test_a_server_digest_that_never_matches_fails_with_both_values(make_service,
     assert claimed in task["error"] and digest("md5") in task["error"]
     assert "Content-MD5" in task["error"]
     assert task["server_digest"] == {"algorithm": "md5", "value": claimed,
-                                     "header": "Content-MD5", "match": False}
+                                     "header": "Content-MD5", "match": False,
+                                     "verified": False, "why": None, "parts": None,
+                                     "part_size": None}
 
 
 def test_an_etag_that_is_not_the_md5_is_only_noted(service, files):
@@ -202,7 +227,9 @@ def test_an_etag_that_is_not_the_md5_is_only_noted(service, files):
     task_id = submitted(service, url=files.url(f"/claims/{SIZE}?header=etag&wrong=1"))
     r = service.wait(task_id)
     assert r.status_code == 200 and r.json()["md5"] == digest("md5")
-    assert service.task(task_id)["server_digest"]["match"] is False
+    server = service.task(task_id)["server_digest"]
+    assert server["match"] is False and server["verified"] is None
+    assert "not taken as corruption" in server["why"]
 
 
 def test_digests_in_the_database_for_the_mongo_shell(service, files):

@@ -248,3 +248,21 @@ def test_the_list_shows_this_browsers_tasks_and_an_operator_every_task(browser, 
         context.close()
     finally:
         svc.stop()
+
+
+def test_a_task_says_which_server_claim_was_checked_and_how(page, files):
+    part = 5 * 2**20
+    verified = submit_in_page(page, files.url(f"/store/{2 * part + 1}?etag={part}"))
+    row = task_item(page, verified).locator("li.server")
+    row.wait_for(timeout=60_000)
+    assert row.get_attribute("class") == "server verified"
+    assert row.text_content() == ("Server: verified against the server's ETag (md5 of 3 "
+                                  "parts), with parts of 5 MiB.")
+    page.locator("#url").fill("")
+    odd = submit_in_page(page, files.url(f"/store/{2 * 7 * 2**20 + 10}?etag={7 * 2**20}"))
+    row = task_item(page, odd).locator("li.server")
+    row.wait_for(timeout=60_000)
+    assert row.get_attribute("class") == "server unverified"
+    assert row.text_content().startswith("Server: the server's ETag (md5 of 3 parts) is "
+                                         "unverified: no part size tried (5 MiB)")
+    shot(page, "9-server-claims")

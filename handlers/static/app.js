@@ -229,6 +229,30 @@ function renderDigests(item, task) {
     row.textContent = "Matches the expected checksum.";
     list.append(row);
   }
+  if (task.server_digest && task.status !== "running" && task.status !== "queued") {
+    const server = task.server_digest;
+    const row = document.createElement("li");
+    row.className = "server " + (server.verified === true ? "verified"
+      : server.verified === false ? "corrupted" : "unverified");
+    row.textContent = "Server: " + describeServer(server) + ".";
+    list.append(row);
+  }
+}
+
+// The server's own checksum and its check, in words (as the mail and the
+// CLI say it: service/model/claim_text.py).
+function describeServer(server) {
+  const mib = 1024 * 1024;
+  const bytes = (n) => (n % mib === 0 ? n / mib + " MiB" : n + " bytes");
+  let claim = server.header + " (" + server.algorithm;
+  if (server.parts) claim += " of " + server.parts + " parts";
+  claim += ")";
+  if (server.verified === true) {
+    return "verified against the server's " + claim +
+      (server.part_size ? ", with parts of " + bytes(server.part_size) : "");
+  }
+  if (server.verified === false) return "the server's " + claim + " does NOT match the bytes received";
+  return "the server's " + claim + " is unverified: " + (server.why || "no reason recorded");
 }
 
 async function copyText(text, note) {
@@ -297,6 +321,7 @@ async function openDetail(id) {
     ["Failure", task.error], ["Attempts", String(task.attempts)],
     ["Submitted", task.created_at], ["Started", task.started_at], ["Finished", task.finished_at],
     ["Webhook", task.callback ? task.callback.status : null],
+    ["Server's checksum", task.server_digest ? describeServer(task.server_digest) : null],
   ];
   for (const [algorithm, value] of Object.entries(task.digests || {})) {
     if (algorithm !== "md5") rows.splice(3, 0, [algorithm, value]);

@@ -26,6 +26,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from service.model import claim_text
+
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CANCELLED, EXIT_INTERRUPTED = 4, 130
 
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("url")
     parser.add_argument("--email", help="mail the result here")
     parser.add_argument("--wait", action="store_true", help="wait and show progress")
-    for name in ("sha1", "sha256", "sha512", "blake2b"):
+    for name in ("sha1", "sha256", "sha512", "blake2b", "crc32", "crc32c", "crc64nvme"):
         parser.add_argument(f"--{name}", action="append_const", const=name, dest="algorithms",
                             help=f"compute {name} too (md5 always is)")
     parser.add_argument("--expect", metavar="CHECKSUM",
@@ -184,6 +186,10 @@ def report(task: dict) -> int:
                 print(f"{algorithm.upper()} ({task['url']}) = {value}")
     if task.get("expected"):
         print(f"{task['url']}: {'OK' if task.get('verified') else 'FAILED'}")
+    server = task.get("server_digest")
+    if server and task["status"] != "cancelled":
+        # On stderr: stdout stays what the coreutils tools print.
+        print(f"server: {claim_text.describe(server)}", file=sys.stderr)
     if task["status"] == "done":
         return EXIT_DONE
     if task["status"] == "cancelled":

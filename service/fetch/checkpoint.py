@@ -27,12 +27,13 @@ import rehashes
 from tornado.httputil import HTTPHeaders
 
 from service.fetch.server_claims import Claim
-from service.model.digests import Checksum
+from service.model.digests import CRCS, Checksum, Crc
 
 LIBRARY = f"rehashes {importlib.metadata.version('rehashes')}"
 _CLASSES: dict[str, Any] = {"md5": rehashes.PyMd5, "sha1": rehashes.PySha1,
                             "sha256": rehashes.PySha256, "sha512": rehashes.PySha512}
-RESUMABLE_ALGORITHMS = tuple(_CLASSES)
+# A CRC's state is its running value (model.digests.Crc): always resumable.
+RESUMABLE_ALGORITHMS = tuple(_CLASSES) + CRCS
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
@@ -40,17 +41,26 @@ class ResumableHash:
     """A hashlib-like digest whose state can be saved and restored."""
 
     def __init__(self, algorithm: str, state: bytes | None = None):
-        cls = _CLASSES[algorithm]
-        self._hash = cls.deserialize(state) if state is not None else cls()
+        self._crc = Crc(algorithm, state) if algorithm in CRCS else None
+        if self._crc is None:
+            cls = _CLASSES[algorithm]
+            self._hash = cls.deserialize(state) if state is not None else cls()
 
     def update(self, block: bytes | bytearray | memoryview) -> None:
+        if self._crc is not None:
+            self._crc.update(block)
+            return
         # rehashes takes bytes only: a copy, cheap next to the hashing.
         self._hash.update(block if isinstance(block, bytes) else bytes(block))
 
     def hexdigest(self) -> str:
+        if self._crc is not None:
+            return self._crc.hexdigest()
         return str(self._hash.finalize())
 
     def state(self) -> bytes:
+        if self._crc is not None:
+            return self._crc.state()
         return bytes(self._hash.serialize())
 
 
@@ -169,7 +179,7 @@ def why_not(algorithms: list[str], length: int | None, headers: HTTPHeaders,
         return "the server did not announce the file's length"
     if length <= min_size:
         return "the file is not larger than RESUMABLE_MIN_SIZE; a retry fetches it again"
-    cannot = [a for a in algorithms if a not in _CLASSES]
+    cannot = [a for a in algorithms if a not in RESUMABLE_ALGORITHMS]
     if cannot:
         return (f"the {', '.join(cannot)} hash state cannot be saved; a retry fetches the "
                 "file again (ask for md5, sha1, sha256 or sha512 only to resume)")

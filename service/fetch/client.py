@@ -10,6 +10,7 @@ import urllib.parse
 from tornado.httpclient import AsyncHTTPClient
 
 from service.config import Config
+from service.fetch import server_claims
 from service.fetch import tornado_hooks as hooks
 from service.fetch.netpolicy import AddressPolicy, FilteringResolver, parse_overrides
 from service.model.numbers import whole_number
@@ -27,8 +28,11 @@ def make_client(config: Config) -> AsyncHTTPClient:
     # itself, so that hitting it reads as "too large" and not as a dropped
     # connection, whatever the framing (length, chunked, until close).
     # Segmented downloads open more than one connection each.
-    return hooks.make_client(resolver, config.concurrency * config.max_connections,
-                             MAX_HEADER_SIZE)
+    client = hooks.make_client(resolver, config.concurrency * config.max_connections,
+                               MAX_HEADER_SIZE)
+    # No x-amz-checksum-mode to a presigned URL, whichever hop it is.
+    client.before_hop = server_claims.before_hop
+    return client
 
 
 def host_of(url: str) -> str:

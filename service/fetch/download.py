@@ -256,7 +256,7 @@ class Download:
         self.claim = server_claims.pick(server_claims.claims(self._headers),
                                         self.sink.algorithms)
         if self.claim is not None:
-            self.sink.add(self.claim.checksum.algorithm)
+            server_claims.prepare(self.claim, self.sink, self.bytes_total, self._headers, self)
         self._hashing = True
         if self._worth_measuring(self.bytes_total):
             # Which hashers and how many connections depend on the link's
@@ -398,7 +398,7 @@ class Download:
         request = HTTPRequest(
             self.url, method="GET",
             headers={"Accept-Encoding": "identity", "Accept": "*/*",
-                     "Want-Repr-Digest": server_claims.WANT_REPR_DIGEST,
+                     **server_claims.REQUEST_HEADERS,
                      **self.resume.request_headers(),
                      **(self.revalidate.conditional_headers() if self.revalidate else {})},
             user_agent=USER_AGENT, follow_redirects=True,
@@ -464,7 +464,7 @@ class Download:
                           last_modified=modified)
         if self.claim is None:
             return fetched
-        fetched.server = server = server_claims.compare(self.claim, digests)
+        fetched.server = server = server_claims.compare(self.claim, digests, self.sink)
         if not server.match and self.claim.binding:
             self.resume.corrupted()
             raise FetchError("corrupted", server=server, transient=True, message=(

@@ -88,6 +88,14 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 class DigestSink:
     def __init__(self, algorithms: Iterable[str], executor: Executor | None):
         self._hashes: dict[str, Any] = {a: new_hash(a) for a in algorithms}
+        # Fed the same bytes, but not digests of the file: a multipart
+        # claim's part digests (``watch``), and those claims' checks.
+        self._watchers: list[Any] = []
+        self.checks: list[Any] = []
+        # What the first byte must wait for (``hold``).
+        self._gate: asyncio.Future | None = None
+        self._gated: deque[bytes] = deque()
+        self._gate_task: asyncio.Future | None = None
         self._fed = False
         self._buffer = bytearray()
         self._executor = executor
@@ -107,6 +115,32 @@ class DigestSink:
         if self._fed:
             raise RuntimeError("a digest cannot be added once bytes were hashed")
         self._hashes.setdefault(algorithm, new_hash(algorithm))
+
+    def watch(self, consumer: Any) -> None:
+        """Feed ``consumer.update`` the body too, from the first byte on,
+        on a lane of its own. A checkpoint does not save it: a resumed
+        download does without it."""
+        if self._fed:
+            raise RuntimeError("a consumer cannot be added once bytes were hashed")
+        self._watchers.append(consumer)
+
+    def hold(self, gate: asyncio.Future) -> None:
+        """Hash nothing until ``gate`` is done (it may ``watch`` more
+        consumers meanwhile): ``feed`` returns an awaitable that waits for
+        it, so the reader pauses instead of buffering. Chunks fed meanwhile
+        (several connections of a segmented download feed one sink) queue
+        in their order and are hashed in it."""
+        self._gate = gate
+
+    async def _after_gate(self) -> None:
+        assert self._gate is not None
+        await asyncio.wait([self._gate])
+        self._gate = None
+        while self._gated:
+            waiter = self._feed_now(self._gated.popleft())
+            if waiter is not None:
+                await waiter
+        self._gate_task = None
 
     def make_resumable(self, states: dict[str, bytes] | None = None, offset: int = 0) -> None:
         """Hash with serializable hashers from here on, before the first
@@ -133,6 +167,16 @@ class DigestSink:
         return {a: h.state() for a, h in self._hashes.items()}
 
     def feed(self, chunk: bytes) -> Awaitable[object] | None:
+        if self._gate is not None and self._gate.done() and not self._gated:
+            self._gate = None
+        if self._gate is not None or self._gated:
+            self._gated.append(chunk)
+            if self._gate_task is None:
+                self._gate_task = asyncio.ensure_future(self._after_gate())
+            return self._gate_task
+        return self._feed_now(chunk)
+
+    def _feed_now(self, chunk: bytes) -> Awaitable[object] | None:
         self._fed = True
         if self.resumable:
             # Unbuffered: a checkpoint then stands at the last byte received.
@@ -153,7 +197,8 @@ class DigestSink:
             self._update_all(block)
             return
         if self._lanes is None:
-            self._lanes = [_Lane(h, self._executor) for h in self._hashes.values()]
+            self._lanes = [_Lane(h, self._executor)
+                           for h in [*self._hashes.values(), *self._watchers]]
         self._blocks.append([lane.update(block) for lane in self._lanes])
         self._hashed += len(block)
 
@@ -170,6 +215,8 @@ class DigestSink:
     def _update_all(self, block: bytes | bytearray) -> None:
         for h in self._hashes.values():
             h.update(block)
+        for watcher in self._watchers:
+            watcher.update(block)
         self._hashed += len(block)
 
     async def _drain(self) -> None:
@@ -178,6 +225,11 @@ class DigestSink:
 
     async def hexdigests(self) -> dict[str, str]:
         """Every digest, by algorithm, once the last block is hashed."""
+        if self._gate_task is not None:  # chunks queued behind the gate
+            await self._gate_task
+        if self._gate is not None:  # no byte came: nothing waited for it
+            await asyncio.wait([self._gate])
+            self._gate = None
         await self._drain()
         if self._buffer:
             if self._executor is None or len(self._buffer) < INLINE:
@@ -190,6 +242,9 @@ class DigestSink:
 
     async def discard(self) -> None:
         """Wait for the blocks in flight so no thread outlives the download."""
+        self._gated.clear()
+        if self._gate_task is not None and not self._gate_task.done():
+            self._gate_task.cancel()
         try:
             await self._drain()
         except Exception:

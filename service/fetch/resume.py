@@ -117,7 +117,10 @@ class Resumer:
         self.note = why_not(sink.algorithms, total, headers,
                             0 if any_size else self.config.resumable_min_size)
         if self.note is None:
-            self._validator, self._total, self._claim = validator(headers), total, claim
+            # A multipart claim's part digests are not saved: only a
+            # whole-file claim is checked after a resume.
+            self._validator, self._total = validator(headers), total
+            self._claim = claim if claim is not None and claim.parts is None else None
             sink.make_resumable()
 
     def corrupted(self) -> None:

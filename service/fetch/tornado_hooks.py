@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado import httputil
@@ -247,8 +247,21 @@ class _Exchange(_HTTPConnection):
 
 
 class Client(SimpleAsyncHTTPClient):
+    # Called with each request's URL and headers before it is sent, redirect
+    # hops included (Tornado fetches each hop through fetch_impl).
+    before_hop: Callable[[str, httputil.HTTPHeaders], None] | None = None
+
     def _connection_class(self) -> type:
         return _Exchange
+
+    def fetch_impl(self, request: Any, callback: Callable[[Any], None]) -> None:
+        if self.before_hop is not None:
+            self.before_hop(request.url, request.headers)
+        owner = TrackingTCPClient.current.get()
+        if owner is not None:
+            # The URL of the hop being fetched (the download's own is the first).
+            owner.hop_url = request.url
+        super().fetch_impl(request, callback)
 
 
 class TrackingTCPClient(TCPClient):
@@ -282,6 +295,7 @@ PRIVATE_HOOKS: list[tuple[type, str]] = [
     (HTTP1Connection, "_read_chunked_body"), (HTTP1Connection, "_deliver_body"),
     (_HTTPConnection, "_create_connection"), (_HTTPConnection, "on_connection_close"),
     (_HTTPConnection, "_handle_exception"), (SimpleAsyncHTTPClient, "_connection_class"),
+    (SimpleAsyncHTTPClient, "fetch_impl"),
 ]
 # Instance attributes read above, set in IOStream.__init__.
 PRIVATE_STREAM_ATTRIBUTES = ["_read_buffer"]

@@ -46,6 +46,8 @@ def build_message(config: Config, task: Notifiable) -> EmailMessage:
     assert isinstance(task, Task)
     msg["X-md5-light-Task"] = task.id
     subject, body = _subject_and_body(task)
+    if task.server_digest is not None and task.status != Status.CANCELLED:
+        body += f"\nThe server's own checksum: {task.server_digest.describe()}.\n"
     msg["Subject"] = subject
     msg.set_content(body + f"\nTask: {task.id}\n", charset="utf-8")
     return msg
