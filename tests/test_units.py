@@ -503,3 +503,24 @@ def test_whole_numbers_are_ascii_digits_only(text, number):
 def test_retry_after_with_a_superscript_digit_is_ignored_not_a_crash():
     from service.fetch.client import retry_after_seconds
     assert retry_after_seconds("²") is None and retry_after_seconds("7") == 7.0
+
+
+def test_a_held_sink_hashes_chunks_fed_meanwhile_in_their_order():
+    # Several connections (a segmented download) feed one sink while it
+    # waits for a multipart probe: the order of the file must hold.
+    from service.fetch.hashing import DigestSink
+
+    async def run(resumable: bool) -> str:
+        sink = DigestSink(["md5"], ThreadPoolExecutor(2))
+        if resumable:
+            sink.make_resumable()
+        gate = asyncio.get_running_loop().create_future()
+        sink.hold(gate)
+        waits = [sink.feed(bytes([i]) * 100_000) for i in range(5)]
+        assert all(w is not None for w in waits)
+        gate.set_result(None)
+        await asyncio.gather(*waits)
+        return (await sink.hexdigests())["md5"]
+
+    want = hashlib.md5(b"".join(bytes([i]) * 100_000 for i in range(5))).hexdigest()
+    assert asyncio.run(run(False)) == want and asyncio.run(run(True)) == want
