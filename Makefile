@@ -9,7 +9,7 @@ TOOLS   := .tools
 MONGOSH := $(TOOLS)/node_modules/.bin/mongosh
 MONGOSH_VERSION := 2.12.0
 
-.PHONY: setup run test test-browser test-chaos test-image lint bench shell clean
+.PHONY: setup run test test-sources test-browser test-chaos test-image lint bench shell clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "md5-light needs Python 3.11 or newer")'
@@ -29,10 +29,22 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python run.py $(ARGS)
 
+# The sources suite (segmented downloads from throttled servers, FTP, an
+# S3 server, ENA) has a target of its own, so that make test stays well
+# under ten minutes; CI runs both.
+SOURCES := tests/test_segments.py tests/test_ftp.py tests/test_s3.py \
+	tests/test_store_claims.py tests/test_ena.py
+
 test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest --ignore=tests/test_partitions.py \
 		--ignore=tests/test_resilience.py --ignore=tests/test_page.py \
-		--ignore=tests/test_image.py $(PYTEST_ARGS)
+		--ignore=tests/test_image.py $(addprefix --ignore=,$(SOURCES)) $(PYTEST_ARGS)
+
+# Where the data lives: big files over several connections (Debian's nginx
+# with a per-connection rate limit), ftp://, S3 (moto), ENA's reports.
+test-sources: $(STAMP) $(MONGOSH)
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
+	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest $(SOURCES) $(PYTEST_ARGS)
 
 # The page in a real browser: Debian's Chromium driven by Playwright (whose
 # own browser download does not work here). CI runs it after make test.
