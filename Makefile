@@ -29,11 +29,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python run.py $(ARGS)
 
-# The sources suite (segmented downloads from throttled servers, FTP, an
-# S3 server, ENA) has a target of its own, so that make test stays well
-# under ten minutes; CI runs both.
+# The sources and trust suites (segmented downloads from throttled servers,
+# FTP, an S3 server, ENA; manifests' limits, API keys) have a target of
+# their own, so that make test stays well under ten minutes; CI runs both.
 SOURCES := tests/test_segments.py tests/test_ftp.py tests/test_s3.py \
-	tests/test_store_claims.py tests/test_ena.py
+	tests/test_store_claims.py tests/test_ena.py tests/test_manifest_limits.py \
+	tests/test_access.py
 
 test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest --ignore=tests/test_partitions.py \
@@ -41,7 +42,8 @@ test: $(STAMP) $(MONGOSH)
 		--ignore=tests/test_image.py $(addprefix --ignore=,$(SOURCES)) $(PYTEST_ARGS)
 
 # Where the data lives: big files over several connections (Debian's nginx
-# with a per-connection rate limit), ftp://, S3 (moto), ENA's reports.
+# with a per-connection rate limit), ftp://, S3 (moto), ENA's reports; and
+# what a request may cost and who may see what (manifest limits, API keys).
 test-sources: $(STAMP) $(MONGOSH)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest $(SOURCES) $(PYTEST_ARGS)
