@@ -32,7 +32,7 @@ run: $(STAMP)
 # The sources and trust suites (segmented downloads from throttled servers,
 # FTP, an S3 server, ENA; manifests' limits, API keys) have a target of
 # their own, so that make test stays well under ten minutes; CI runs both.
-SOURCES := tests/test_segments.py tests/test_ftp.py tests/test_s3.py \
+SOURCES := tests/test_segments.py tests/test_resume.py tests/test_ftp.py tests/test_s3.py \
 	tests/test_store_claims.py tests/test_ena.py tests/test_manifest_limits.py \
 	tests/test_access.py
 

@@ -242,8 +242,12 @@ def test_submits_racing_the_leaders_end_all_finish(make_service, files):
     assert {r.json()["md5"] for r in results.values()} == {md5_of(5000, seed=7)}
     from fileserver import CountingHandler
     downloads = CountingHandler.hits[key]
-    leaders = db_of(svc).tasks.count_documents({"_id": {"$in": ids}, "follows": None})
-    print(f"400 submits, {downloads} downloads")
-    assert downloads == leaders <= 400
+    led = list(db_of(svc).tasks.find({"_id": {"$in": ids}, "follows": None}, {"attempts": 1}))
+    leaders = len(led)
+    # A leader's extra attempt (a lease lost under CI's load) is a download
+    # again, and is recorded as one: no download goes unaccounted for.
+    retries = sum(t["attempts"] - 1 for t in led)
+    print(f"400 submits, {downloads} downloads, {leaders} leaders, {retries} retries")
+    assert leaders <= downloads <= leaders + retries and leaders <= 400
     assert db_of(svc).tasks.count_documents({"_id": {"$in": ids}, "lease_until": None,
                                              "status": "queued"}) == 0
