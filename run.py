@@ -77,7 +77,8 @@ def run_api(config: config_mod.Config, workers: int) -> int:
                     "networks (only for trusted users)")
     if not config.mail_enabled:
         log.info("SMTP_HOST is not set: mail is off, notifications are recorded as skipped")
-    database = EmbeddedDatabase(config.data_dir) if config.embedded else None
+    database = (EmbeddedDatabase(config.data_dir, patches=config.embedded_db_patches)
+                if config.embedded else None)
     uri = database.start() if database else str(config.mongodb_uri)
     try:
         asyncio.run(serve_api(config, uri, workers, database))

@@ -81,6 +81,9 @@ class Config:
                                      "--mongodb-uri", secret=True)
     data_dir: str = _field("DATA_DIR", "./data", str,
                            "where the embedded database keeps its files", "--data-dir")
+    embedded_db_patches: bool = _field("EMBEDDED_DB_PATCHES", True, parse_bool,
+                                       "the embedded SecantusDB's write-path fixes "
+                                       "(runtime/embedded_patches.py); 0 runs it as released")
     smtp_host: str | None = _field("SMTP_HOST", None, str, "SMTP server; unset turns mail off")
     smtp_port: int = _field("SMTP_PORT", 587, int, "SMTP port")
     smtp_user: str | None = _field("SMTP_USER", None, str, "SMTP login")

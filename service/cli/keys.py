@@ -74,7 +74,7 @@ def _database(config: config_mod.Config) -> Iterator[str]:
         yield str(config.mongodb_uri)
         return
     from service.runtime.embedded_db import EmbeddedDatabase
-    database = EmbeddedDatabase(config.data_dir)
+    database = EmbeddedDatabase(config.data_dir, patches=config.embedded_db_patches)
     running = database.holder()
     if running and running.startswith("mongodb://"):
         yield running

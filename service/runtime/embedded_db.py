@@ -57,8 +57,10 @@ def free_port() -> int:
 
 
 class EmbeddedDatabase:
-    def __init__(self, data_dir: str, port: int | None = None, database: str = "md5light"):
+    def __init__(self, data_dir: str, port: int | None = None, database: str = "md5light",
+                 patches: bool = True):
         self.data_dir = Path(data_dir).resolve()
+        self.patches = patches
         self.port = port or free_port()
         self.database = database
         self.process: subprocess.Popen | None = None
@@ -67,6 +69,14 @@ class EmbeddedDatabase:
     @property
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/{self.database}"
+
+    def _program(self) -> list[str]:
+        """The daemon itself, or this interpreter running it with the
+        write-path fixes of embedded_patches (which checks the version)."""
+        daemon = daemon_path()  # also says what to do when it is not installed
+        if not self.patches:
+            return [daemon]
+        return [sys.executable, str(Path(__file__).with_name("embedded_patches.py"))]
 
     def start(self, timeout: float = 30.0) -> str:
         try:
@@ -85,7 +95,7 @@ class EmbeddedDatabase:
         if not config.exists():
             config.write_text("# md5-light passes every setting on the command line\n")
         log_file = open(self.data_dir / "secantusd.log", "ab")
-        cmd = [daemon_path(), "--config", str(config), "--host", "127.0.0.1",
+        cmd = [*self._program(), "--config", str(config), "--host", "127.0.0.1",
                "--port", str(self.port), "--storage-path", str(self.data_dir / "db"),
                "--sync-on-commit", "--standalone", "--log-level", "WARNING"]
         self.process = subprocess.Popen(

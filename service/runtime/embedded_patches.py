@@ -1,0 +1,219 @@
+"""Two fixes to SecantusDB's write path, applied only to the embedded
+database this service starts itself, and only to the version pinned in
+requirements.txt. Run as a script in place of ``secantusd-py``:
+
+    python service/runtime/embedded_patches.py --port ... (secantusd-py's flags)
+
+Issue #25 measured where the embedded database's CPU goes in a burst of
+small tasks: about 30% in ``Storage._index_options_map`` and a further
+quarter in rewriting index entries that an update did not change.
+
+1. **The index descriptions, read once per statement.** Upstream's
+   ``_index_options_map`` scans the collection's index table and decodes
+   every index's description; its docstring says "cached per call (the
+   caller handles per-doc loops)", but no caller does: the insert, update
+   and delete loops call it up to four times per document (unique check,
+   geo check, delete entries, write entries). Here each write statement's
+   transaction body (one attempt of ``_insert_chunk``, ``_update_chunk``,
+   ``_update_matching_single_txn``, ``_delete_chunk``,
+   ``_delete_matching_single_txn``) reads it once. These bodies run holding
+   the collection's lock, which every index create and drop also takes, so
+   the index set cannot change inside one; a write-conflict retry runs the
+   body again and reads afresh. Outside those bodies nothing is cached.
+   The one thing a body may change itself, an index's ``multikey`` flag
+   (``_maybe_mark_multikey``), is not read from this map by the write path.
+2. **An update rewrites only the index entries it changes.** Upstream
+   deletes every entry of the old document and writes every entry of the
+   new one. Here, for an ordinary index (not unique, not
+   ``prepareUnique``, not geo), the entries the old and the new document
+   contribute are computed and compared first (partial filter and
+   sparseness included); the index is left alone when they are equal.
+   Unique and geo indexes keep upstream's path unchanged. Entries are keyed
+   by (index, key, RecordId) and an update keeps the RecordId, so equal
+   key sets are equal entries.
+
+Anything unexpected (another version, a method missing or reshaped) logs
+a warning and runs the server unpatched. ``EMBEDDED_DB_PATCHES=0`` makes
+the launcher start plain ``secantusd-py``. A real ``MONGODB_URI`` is never
+touched: this file runs only inside the embedded server's process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import sys
+import threading
+from typing import Any
+
+PINNED = "0.7.0b3"
+
+log = logging.getLogger("md5light.embedded_patches")
+
+# Statement bodies that hold the collection's lock for their whole run.
+_STATEMENT_BODIES = ("_insert_chunk", "_update_chunk", "_update_matching_single_txn",
+                     "_delete_chunk", "_delete_matching_single_txn")
+# Of those, the ones whose update writes delete-then-write index entries.
+_UPDATE_BODIES = ("_update_chunk", "_update_matching_single_txn")
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+        self.options: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.updating = 0
+        # RecordId -> the old document whose entry deletion was deferred to
+        # the write of its new version.
+        self.deferred: dict[Any, tuple[dict[str, Any], Any]] = {}
+
+
+def apply() -> bool:
+    """Patch ``secantus.storage.Storage``; False (with a warning) when this
+    is not the pinned version or its code is not shaped as expected."""
+    try:
+        version = importlib.metadata.version("secantusdb")
+    except importlib.metadata.PackageNotFoundError:
+        log.warning("embedded database patches skipped: secantusdb is not installed")
+        return False
+    if version != PINNED:
+        log.warning("embedded database patches skipped: they are written for secantusdb %s, "
+                    "this is %s (running it unpatched)", PINNED, version)
+        return False
+    from secantus import storage
+
+    cls = storage.Storage
+    needed = (*_STATEMENT_BODIES, "_index_options_map", "_write_index_entries",
+              "_delete_index_entries")
+    missing = [name for name in needed if not callable(getattr(cls, name, None))]
+    unwrapped = [name for name in _STATEMENT_BODIES
+                 if not hasattr(getattr(cls, name, None), "__wrapped__")]
+    helpers = ("_retry_write_conflicts", "_index_key_variants", "_geo_type_of",
+               "_parse_index_collation", "matches")
+    missing += [name for name in helpers if not callable(getattr(storage, name, None))]
+    if missing or unwrapped:
+        log.warning("embedded database patches skipped: secantus.storage is not as expected "
+                    "(missing %s, not retry-wrapped %s)", missing, unwrapped)
+        return False
+    local = _Local()
+    update_loops = {getattr(cls, name).__wrapped__.__code__ for name in _UPDATE_BODIES}
+    _patch_options_map(cls, local)
+    _patch_update_entries(cls, storage, local, update_loops)
+    for name in _STATEMENT_BODIES:
+        body = getattr(cls, name).__wrapped__
+        setattr(cls, name, storage._retry_write_conflicts(
+            _statement(body, local, updating=name in _UPDATE_BODIES)))
+    log.warning("embedded database patches applied (secantusdb %s): index descriptions read "
+                "once per statement, updates rewrite only changed index entries", version)
+    return True
+
+
+def _statement(body, local: _Local, updating: bool):
+    """One attempt of a statement body: a fresh cache of index options,
+    forgotten when the attempt ends (a retry may follow a DDL)."""
+
+    @functools.wraps(body)
+    def attempt(self, *args: Any, **kwargs: Any) -> Any:
+        outer = local.depth == 0
+        if outer:
+            local.options = {}
+            local.deferred = {}
+        local.depth += 1
+        local.updating += updating
+        try:
+            return body(self, *args, **kwargs)
+        finally:
+            local.depth -= 1
+            local.updating -= updating
+            if outer:
+                local.options = {}
+                local.deferred = {}
+
+    return attempt
+
+
+def _patch_options_map(cls, local: _Local) -> None:
+    upstream = cls._index_options_map
+
+    @functools.wraps(upstream)
+    def options_map(self, db: str, coll: str) -> dict[str, dict[str, Any]]:
+        if local.depth == 0:
+            return upstream(self, db, coll)
+        cached = local.options.get((db, coll))
+        if cached is None:
+            cached = local.options[(db, coll)] = upstream(self, db, coll)
+        # Callers read it only, but a copy keeps one caller's change from
+        # reaching the next, as upstream's fresh dict would.
+        return {name: dict(opts) for name, opts in cached.items()}
+
+    cls._index_options_map = options_map
+
+
+def _patch_update_entries(cls, storage, local: _Local, update_loops: set) -> None:
+    delete_upstream = cls._delete_index_entries
+    write_upstream = cls._write_index_entries
+
+    @functools.wraps(delete_upstream)
+    def delete_entries(self, db, coll, doc, indexes, partials=None, *, recordid):
+        if local.updating and sys._getframe(1).f_code in update_loops:
+            # Called by an update's own loop, which writes the new
+            # version's entries next in the same transaction: deleting
+            # waits for it, so unchanged entries can stay. (Other deletes
+            # inside an update, a capped collection's eviction, go ahead.)
+            local.deferred[recordid] = (doc, partials)
+            return None
+        return delete_upstream(self, db, coll, doc, indexes, partials, recordid=recordid)
+
+    @functools.wraps(write_upstream)
+    def write_entries(self, db, coll, doc, indexes, partials=None, *, recordid):
+        old = local.deferred.pop(recordid, None) if local.deferred else None
+        if old is None:
+            return write_upstream(self, db, coll, doc, indexes, partials, recordid=recordid)
+        old_doc, old_partials = old
+        if partials is None:
+            partials = self._partial_filters(db, coll)
+        options = self._index_options_map(db, coll)
+        changed = [index for index in indexes
+                   if not _same_entries(storage, index, old_doc, doc, partials, options)]
+        if changed:
+            delete_upstream(self, db, coll, old_doc, changed,
+                            old_partials if old_partials is not None else partials,
+                            recordid=recordid)
+            write_upstream(self, db, coll, doc, changed, partials, recordid=recordid)
+        return None
+
+    cls._delete_index_entries = delete_entries
+    cls._write_index_entries = write_entries
+
+
+def _same_entries(storage, index, old: dict, new: dict, partials: dict, options: dict) -> bool:
+    """Whether ``old`` and ``new`` put the same entries in an ordinary
+    index; False (rewrite it, as upstream does) for unique, prepareUnique
+    and geo indexes."""
+    name, key_spec, sparse, unique = index
+    opts = options.get(name, {})
+    if unique or opts.get("prepareUnique") or storage._geo_type_of(key_spec) is not None:
+        return False
+    partial = partials.get(name)
+    if partial is not None:
+        old_in, new_in = storage.matches(old, partial), storage.matches(new, partial)
+        if old_in != new_in:
+            return False
+        if not old_in:
+            return True  # in neither version
+    collation = storage._parse_index_collation(opts.get("collation"))
+    return (list(storage._index_key_variants(old, key_spec, sparse=sparse, collation=collation))
+            == list(storage._index_key_variants(new, key_spec, sparse=sparse,
+                                                collation=collation)))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    apply()
+    from secantus.cli import main as secantus_main
+    sys.argv[0] = "secantusd-py"
+    return secantus_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The embedded database's write-path fixes (service/runtime/embedded_patches.py)
+must not change a single answer. The same random writes run on a patched and
+an unpatched SecantusDB, with indexes created and dropped between them, and
+every index's answers are compared: between the two servers, and on the
+patched one against a scan of the whole collection. A second test creates
+and drops indexes while other threads write."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import random
+import threading
+
+import pytest
+from pymongo import MongoClient
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+from service.runtime import embedded_patches
+from service.runtime.embedded_db import EmbeddedDatabase
+
+# (name, keys, options): compound, sparse, partial, multikey (tags is an
+# array in some documents), collation, unique (the patch leaves unique
+# indexes on upstream's path, and they must still refuse duplicates).
+INDEXES = [
+    ("claim", [("status", 1), ("lane", 1), ("lease_until", 1)], {}),
+    ("client", [("client", 1), ("status", 1)], {}),
+    ("note", [("note.status", 1), ("note.next_at", 1)], {"sparse": True}),
+    ("mine", [("owner", 1), ("n", -1)], {"sparse": True}),
+    ("open", [("n", 1)], {"partialFilterExpression": {"status": "queued"}}),
+    ("tags", [("tags", 1)], {}),
+    ("names", [("name", 1)], {"collation": {"locale": "en", "strength": 2}}),
+    ("serial", [("serial", 1)], {"unique": True, "sparse": True}),
+]
+STATUSES = ["queued", "running", "done", "failed"]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    patched = EmbeddedDatabase(str(tmp_path_factory.mktemp("patched")), database="eq")
+    plain = EmbeddedDatabase(str(tmp_path_factory.mktemp("plain")), database="eq", patches=False)
+    for db in (patched, plain):
+        db.start()
+    yield patched, plain
+    for db in (patched, plain):
+        db.stop()
+
+
+def _client(db: EmbeddedDatabase) -> MongoClient:
+    return MongoClient(db.uri, serverSelectionTimeoutMS=10000)
+
+
+def test_the_patched_server_says_so_and_the_plain_one_does_not(servers):
+    patched, plain = servers
+    assert "embedded database patches applied" in (patched.data_dir / "secantusd.log").read_text()
+    assert "patches" not in (plain.data_dir / "secantusd.log").read_text()
+
+
+def test_another_version_runs_unpatched(monkeypatch, caplog):
+    from secantus import storage
+    before = storage.Storage._index_options_map
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.7.1")
+    with caplog.at_level(logging.WARNING):
+        assert embedded_patches.apply() is False
+    assert storage.Storage._index_options_map is before
+    assert "written for secantusdb 0.7.0b3, this is 0.7.1" in caplog.text
+
+
+def _doc(rng: random.Random, i: int) -> dict:
+    doc = {"_id": f"d{i:05d}", "n": rng.randrange(50), "status": rng.choice(STATUSES),
+           "lane": rng.randrange(3), "lease_until": rng.randrange(1000),
+           "client": rng.choice(["a", "b", "c"]), "name": rng.choice(["Ann", "ann", "Bob"])}
+    if rng.random() < 0.4:
+        doc["note"] = {"status": rng.choice(["pending", "sent"]), "next_at": rng.randrange(9)}
+    if rng.random() < 0.3:
+        doc["owner"] = rng.choice(["k1", "k2"])
+    if rng.random() < 0.3:
+        doc["tags"] = rng.sample(["x", "y", "z"], rng.randrange(1, 3))
+    if rng.random() < 0.2:
+        doc["serial"] = i
+    return doc
+
+
+def _update(rng: random.Random) -> object:
+    kind = rng.randrange(7)
+    if kind == 0:
+        return {"$set": {"status": rng.choice(STATUSES), "lease_until": rng.randrange(1000)}}
+    if kind == 1:  # only fields no index reads: every entry stays
+        return {"$set": {"payload": rng.random()}, "$inc": {"tries": 1}}
+    if kind == 2:
+        return {"$unset": {"note": "", "owner": ""}}
+    if kind == 3:
+        return {"$set": {"note": {"status": "pending", "next_at": rng.randrange(9)},
+                         "owner": rng.choice(["k1", "k2"])}}
+    if kind == 4:
+        return {"$push": {"tags": rng.choice(["x", "y", "z", "w"])}}
+    if kind == 5:
+        return {"$set": {"name": rng.choice(["ANN", "bob", "Cy"]), "n": rng.randrange(50)}}
+    # A pipeline, as the service's finish writes it.
+    return [{"$set": {"status": {"$literal": rng.choice(STATUSES)},
+                      "n": {"$add": [{"$ifNull": ["$n", 0]}, 1]}}}]
+
+
+def _same_writes(colls, rng: random.Random, start: int, count: int) -> int:
+    """One random step, applied alike to every collection in ``colls``;
+    how many documents it inserted."""
+    ids = [f"d{i:05d}" for i in range(start)]
+    step = rng.randrange(6)
+    if step == 0:
+        docs = [_doc(rng, start + j) for j in range(count)]
+        for coll in colls:
+            coll.insert_many([dict(d) for d in docs], ordered=False)
+        return count
+    elif step in (1, 2):
+        chosen = rng.sample(ids, min(len(ids), count))
+        update = _update(rng)
+        for coll in colls:
+            coll.update_many({"_id": {"$in": chosen}}, update)
+    elif step == 3:
+        target, update = rng.choice(ids), _update(rng)
+        for coll in colls:
+            coll.update_one({"_id": target, "status": {"$ne": "gone"}}, update)
+    elif step == 4:
+        target = rng.choice(ids)
+        serial = rng.randrange(start)
+        for coll in colls:  # a unique index: maybe a duplicate, alike on both
+            try:
+                coll.update_one({"_id": target}, {"$set": {"serial": serial}})
+            except DuplicateKeyError:
+                pass
+    else:
+        chosen = rng.sample(ids, min(len(ids), max(1, count // 4)))
+        for coll in colls:
+            coll.delete_many({"_id": {"$in": chosen}})
+    return 0
+
+
+QUERIES = [{}, {"status": "queued"}, {"status": {"$in": ["running", "done"]}, "lane": 1},
+           {"client": "a"}, {"note.status": "pending"}, {"owner": "k1"},
+           {"n": {"$gte": 20}}, {"tags": "x"}, {"name": "ann"}, {"serial": {"$gte": 0}}]
+
+
+def _answers(coll, index: str | None) -> list:
+    out = []
+    for query in QUERIES:
+        cursor = coll.find(query, {"_id": 1}).sort("_id", 1)
+        if index is not None:
+            cursor = cursor.hint(index)
+        if index == "names":
+            cursor = cursor.collation({"locale": "en", "strength": 2})
+        try:
+            out.append([d["_id"] for d in cursor])
+        except OperationFailure as exc:  # a hint the query cannot use
+            out.append(f"refused: {exc.code}")
+    return out
+
+
+def _indexes(coll) -> list[str]:
+    return sorted(name for name in coll.index_information() if name != "_id_")
+
+
+def test_same_answers_as_the_unpatched_server(servers):
+    colls = [_client(db).get_default_database()["t"] for db in servers]
+    for coll in colls:
+        coll.drop()
+    rng = random.Random(25)
+    present: set[str] = set()
+    count = 0
+    for coll in colls:
+        coll.insert_many([_doc(random.Random(i), i) for i in range(200)])
+    count = 200
+    for round_ in range(60):
+        if round_ % 6 == 0:  # an index comes or goes, alike on both
+            name, keys, options = rng.choice(INDEXES)
+            built = []
+            for coll in colls:
+                if name in present:
+                    coll.drop_index(name)
+                    continue
+                try:
+                    coll.create_index(keys, name=name, **options)
+                    built.append(True)
+                except DuplicateKeyError:  # the unique index, over duplicates
+                    built.append(False)
+            assert len(set(built)) <= 1
+            if name in present or all(built):
+                present ^= {name}
+        count += _same_writes(colls, rng, count, 40)
+        patched, plain = colls
+        assert _indexes(patched) == _indexes(plain) == sorted(present)
+        for index in sorted(present):
+            assert _answers(patched, index) == _answers(plain, index), (round_, index)
+    # And every index on the patched server holds what a whole scan finds
+    # for the documents it covers.
+    patched = colls[0]
+    for name, keys, options in INDEXES:
+        if name not in present and not options.get("unique"):
+            patched.create_index(keys, name=name, **options)
+    scan = _answers(patched, None)
+    for name in ("claim", "client", "tags"):
+        assert _answers(patched, name) == scan, name
+    assert patched.count_documents({}) == colls[1].count_documents({}) > 200
+
+
+def test_indexes_made_and_dropped_under_writes(servers):
+    patched, _ = servers
+    coll = _client(patched).get_default_database()["busy"]
+    coll.drop()
+    rng = random.Random(7)
+    coll.insert_many([_doc(rng, i) for i in range(600)])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        own = random.Random(seed)
+        try:
+            while not stop.is_set():
+                ids = [f"d{own.randrange(600):05d}" for _ in range(20)]
+                coll.update_many({"_id": {"$in": ids}}, _update(own))
+                coll.update_one({"_id": own.choice(ids)},
+                                {"$set": {"status": own.choice(STATUSES)}})
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for turn in range(24):
+            name, keys, options = INDEXES[turn % 6]
+            if name in coll.index_information():
+                coll.drop_index(name)
+            else:
+                coll.create_index(keys, name=name, **options)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    for name, keys, options in INDEXES[:6]:
+        if name not in coll.index_information():
+            coll.create_index(keys, name=name, **options)
+    scan = _answers(coll, None)
+    for name in ("claim", "client", "tags"):
+        assert _answers(coll, name) == scan, name
+    # The sparse and partial indexes hold exactly the documents they cover.
+    assert _answers(coll, "note")[4] == scan[4]
+    assert _answers(coll, "mine")[5] == scan[5]
+    assert ([d["_id"] for d in coll.find({"status": "queued"}, {"_id": 1}).sort("_id", 1)
+             .hint("open")] == scan[1])
