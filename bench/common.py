@@ -47,7 +47,7 @@ class Stack(Service):
         return [int(p) for p in out.split()]
 
     def database_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-f", f"secantusd-py.*{self.dir}"],
+        out = subprocess.run(["pgrep", "-f", f"(secantusd-py|embedded_patches.py).*{self.dir}"],
                              capture_output=True, text=True).stdout.split()
         return int(out[0])
 

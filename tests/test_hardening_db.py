@@ -25,7 +25,8 @@ OUTAGE_ANSWER_LIMIT = 2.0
 
 
 def _database_pid(data_dir: Path) -> int | None:
-    """The secantusd-py serving ``data_dir``, found in /proc by its command line."""
+    """The embedded database serving ``data_dir`` (secantusd-py, or the
+    patched launcher running it), found in /proc by its command line."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -33,7 +34,7 @@ def _database_pid(data_dir: Path) -> int | None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"secantusd-py" in a for a in argv) and any(
+        if any(a.endswith((b"secantusd-py", b"embedded_patches.py")) for a in argv) and any(
                 str(data_dir).encode() in a for a in argv):
             return int(entry.name)
     return None

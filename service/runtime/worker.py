@@ -81,6 +81,9 @@ class Worker:
         self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks, announce)
         self.active: dict[str, tuple[Task, Transfer]] = {}
         self._claimed: dict[str, float] = {}  # task id: when (loop_time) it was claimed
+        # Tasks whose download ended and whose end is being written: a
+        # renewal would only find them ended (and read them to see why).
+        self._ending: set[str] = set()
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._jobs: set[asyncio.Task] = set()
@@ -195,6 +198,7 @@ class Worker:
             finally:
                 metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
                 metrics.BYTES_HASHED.inc(download.fetched)
+            self._ending.add(task.id)
             await self.outcomes.done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
@@ -212,6 +216,7 @@ class Worker:
         finally:
             self.active.pop(task.id, None)
             self._claimed.pop(task.id, None)
+            self._ending.discard(task.id)
             self.wake.set()
 
     # -- leases and progress ------------------------------------------------
@@ -225,6 +230,8 @@ class Worker:
             if rounds % SWEEP_ROUNDS == 0:
                 await self._sweep()
             for task, download in list(self.active.values()):
+                if task.id in self._ending:
+                    continue
                 if loop_time() - self._claimed.get(task.id, 0.0) < interval / 2:
                     # Its lease is fresh from the claim: small tasks end
                     # within half a second, and their renewal would only
