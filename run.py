@@ -96,10 +96,12 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     config -> database -> store -> app -> server -> pool."""
     from handlers.app import make_app
     from handlers.base import MAX_BODY
+    from service.intake.dispatch import WakeOnly
     from service.live.answers import CheckAnswers
     from service.runtime import metrics
     from service.runtime.connlimit import raise_fd_limit
     from service.runtime.embedded_db import DatabaseSupervisor
+    from service.runtime.handoff import Handoff
     from service.runtime.pool import WorkerPool
     from service.runtime.server import ApiProcess, make_server, wait_for_database
     from service.storage.store import open_store
@@ -111,9 +113,11 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     await wait_for_database(store)
     # What the pool's workers report ending, /check answers from memory.
     answers = CheckAnswers()
-    pool = WorkerPool(config, uri, workers, on_result=answers.ended) if workers else None
+    handoff = Handoff(store.queue, store.clock, config.lease_seconds, config.handoff)
+    pool = (WorkerPool(config, uri, workers, on_result=answers.ended, handoff=handoff)
+            if workers else None)
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
-    app = make_app(config, store, wake=pool.wake if pool else (lambda: None), gauges=gauges,
+    app = make_app(config, store, handoff if pool else WakeOnly(lambda: None), gauges=gauges,
                    answers=answers)
     supervisor = None
     if database is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from tornado import web
@@ -12,6 +11,7 @@ from service.config import Config
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission
 from service.intake.callers import Callers
+from service.intake.dispatch import Dispatch
 from service.intake.ena import EnaReports
 from service.intake.manifests import ManifestIntake
 from service.intake.submissions import Submissions
@@ -36,16 +36,16 @@ from .page import STATIC, PageHandler, StaticHandler
 from .tasks import CheckHandler, SubmitHandler, TaskHandler
 
 
-def make_app(config: Config, store: Store, wake: Callable[[], None],
+def make_app(config: Config, store: Store, dispatch: Dispatch,
              gauges: DatabaseGauges, answers: CheckAnswers | None = None) -> web.Application:
     """The routes, each handler given what it needs through initialize."""
     admission = Admission(store, config.max_pending_per_client, config.max_queued)
     policy = AddressPolicy(config.allow_private_urls, config.allow_networks)
-    submissions = Submissions(store, admission, policy, config.mail_enabled, wake,
+    submissions = Submissions(store, admission, policy, config.mail_enabled, dispatch,
                               coalesce=config.coalesce,
                               webhooks=config.webhook_secret is not None,
                               max_connections=config.max_connections)
-    manifests = ManifestIntake(store, admission, policy, config.mail_enabled, wake,
+    manifests = ManifestIntake(store, admission, policy, config.mail_enabled, dispatch.wake,
                                ena=EnaReports(config))
     answers = answers if answers is not None else CheckAnswers()
     streams = dict(limit=StreamLimit(config.max_streams_per_client),

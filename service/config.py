@@ -120,6 +120,10 @@ class Config:
                                   "a task whose worker is silent this long is claimed again")
     poll_interval: float = _field("POLL_INTERVAL", 1.0, parse_seconds,
                                   "how often idle workers look for work")
+    handoff: bool = _field("HANDOFF", True, parse_bool,
+                           "the 'all' role's API hands tasks to its workers through their "
+                           "pipes (assigned at insert when one has room) instead of each "
+                           "claim scanning the database")
     drain_seconds: float = _field("DRAIN_SECONDS", 10.0, parse_seconds,
                                   "grace period for running downloads on shutdown")
     coalesce: bool = _field("COALESCE", True, parse_bool,

@@ -6,10 +6,10 @@ worker."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from service.fetch.netpolicy import AddressPolicy
 from service.intake.admission import Admission, Verdict
+from service.intake.dispatch import Dispatch
 from service.intake.validation import (
     check_callback_url,
     check_connections,
@@ -33,7 +33,7 @@ class Accepted:
 
 class Submissions:
     def __init__(self, store: Store, admission: Admission, policy: AddressPolicy,
-                 mail_enabled: bool, wake: Callable[[], None], coalesce: bool = True,
+                 mail_enabled: bool, dispatch: Dispatch, coalesce: bool = True,
                  webhooks: bool = False, max_connections: int = 16):
         self.store = store
         self.max_connections = max_connections
@@ -43,7 +43,7 @@ class Submissions:
         self.admission = admission
         self.policy = policy
         self.mail_enabled = mail_enabled
-        self.wake = wake
+        self.dispatch = dispatch
 
     async def submit(self, url: str | None, email: str | None, idempotency_key: str | None,
                      client: str, algorithms: list[str] | None = None,
@@ -81,19 +81,29 @@ class Submissions:
             task.follow(leader)
         elif known is not None and known.conditional_headers():
             task.revalidate = known  # a 304 then answers from it
+        # A worker with room now: the task is stored already claimed by it.
+        assigned = self.dispatch.reserve(task) if leader is None else None
         try:
             task_id = await self.store.records.create(task, key, admit)
         except BaseException:
+            if assigned is not None:
+                assigned.cancel()
             if verdict is not None:
                 self.admission.release(client)  # admitted, but never stored
             if self.coalesce and leader is None:
                 await coalescer.abandon(task, fresh_id)
             raise
         if task_id != fresh_id:  # an idempotent retry: nothing new was stored
+            if assigned is not None:
+                assigned.cancel()
             if self.coalesce and leader is None:
                 await coalescer.abandon(task, fresh_id)
-        elif leader is None or not await coalescer.join(task, leader):
-            self.wake()
+        elif assigned is not None:
+            assigned.deliver()
+        elif leader is None:
+            self.dispatch.queued(task)
+        elif not await coalescer.join(task, leader):
+            self.dispatch.wake()  # runnable on its own after all
         # A new task now holds a place; an idempotent retry takes none.
         standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
                     if verdict is not None else self.admission.peek(client))

@@ -217,6 +217,15 @@ class Task:
         task.lease_until = task.created_at
         return task
 
+    def assign(self, worker: str, claim: str, now: dt.datetime, lease_until: dt.datetime) -> None:
+        """Stored already claimed by ``worker`` (assign-at-insert): the same
+        fields a claim would write, so no claim write is needed."""
+        self.status, self.worker, self.claim, self.attempts = Status.RUNNING, worker, claim, 1
+        # On the database's clock, which may run a little behind this
+        # host's: never started before it was created.
+        self.started_at = self.claimed_at = max(now, self.created_at)
+        self.lease_until = lease_until
+
     def follow(self, leader: str) -> None:
         """Wait for ``leader``'s download instead of running: no claim
         takes a queued task without a ``lease_until``."""

@@ -1,10 +1,11 @@
 """The pool of worker processes that the 'all' role runs beside the API.
 
 Each worker is ``run.py worker`` in its own process (its own IOLoop and
-GIL), given the same configuration through its environment. The API wakes
-them through a pipe per worker after each submit, so a task starts at once
-instead of at the next poll, and hears through another of every task end
-they record (``results_pipe``); a dead worker is started again.
+GIL), given the same configuration through its environment. The API hands
+them tasks (or wakes them to scan) through a pipe per worker, so a task
+starts at once instead of at the next poll (``handoff``, ``wake_pipe``),
+and hears through another of every task end they record and of their room
+(``results_pipe``); a dead worker is started again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from service.backoff import Backoff
 from service.config import Config, to_environ
+from service.runtime.handoff import Handoff
 from service.runtime.procutil import die_with_parent
 from service.runtime.results_pipe import ENV as RESULTS_ENV
 from service.runtime.results_pipe import OnResult, ResultsReader
@@ -47,9 +49,12 @@ class _Slot:
 
 class WorkerPool:
     def __init__(self, config: Config, mongodb_uri: str, count: int,
-                 on_result: OnResult | None = None):
+                 on_result: OnResult | None = None, handoff: Handoff | None = None):
         self.config = config
         self.on_result = on_result
+        # Hands tasks to the workers through their wake pipes; the workers
+        # report their room through their results pipes.
+        self.handoff = handoff
         self.mongodb_uri = mongodb_uri
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
@@ -69,7 +74,7 @@ class WorkerPool:
         env["MONGODB_URI"] = self.mongodb_uri
         env["MD5LIGHT_WAKE_FD"] = str(read_fd)
         passed = [read_fd]
-        if self.on_result is not None:
+        if self.on_result is not None or self.handoff is not None:
             results_read, results_write = os.pipe()
             env[RESULTS_ENV] = str(results_write)
             passed.append(results_write)
@@ -80,33 +85,20 @@ class WorkerPool:
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         for fd in passed:
             os.close(fd)
-        if self.on_result is not None:
+        if len(passed) > 1:
             if slot.results is not None:
                 slot.results.close()
-            slot.results = ResultsReader(results_read, self.on_result)
+            handoff = self.handoff
+            on_room = (None if handoff is None
+                       else lambda message, index=slot.index: handoff.report(index, message))
+            slot.results = ResultsReader(results_read, self.on_result or _ignore, on_room)
         if slot.wake_fd is not None:
             os.close(slot.wake_fd)
         slot.wake_fd = write_fd
+        if self.handoff is not None:
+            self.handoff.attach(slot.index, write_fd)
         slot.started = time.monotonic()
         log.info("worker process %d started (pid %d)", slot.index, slot.process.pid)
-
-    def wake(self) -> None:
-        """Wake one worker, round-robin. Waking all of them would have every
-        worker race for the same task, and the losers' queries load the
-        database for nothing; a busy worker claims when a slot frees, and
-        idle ones poll anyway."""
-        for _ in range(len(self.slots)):
-            self._next_wake = (self._next_wake + 1) % len(self.slots)
-            slot = self.slots[self._next_wake]
-            if slot.wake_fd is None:
-                continue
-            try:
-                os.write(slot.wake_fd, b"!")
-                return
-            except BlockingIOError:
-                return  # its pipe is full of wake-ups: it is awake
-            except BrokenPipeError:
-                continue  # dead; the supervisor restarts it
 
     async def _supervise(self) -> None:
         while not self.stopping:
@@ -117,6 +109,8 @@ class WorkerPool:
                 if self.stopping or proc is None or proc.poll() is None:
                     continue
                 if slot.restart_at == 0.0:
+                    if self.handoff is not None:
+                        self.handoff.detach(slot.index)
                     lived = now - slot.started
                     slot.quick_deaths = slot.quick_deaths + 1 if lived < 10 else 0
                     delay = RESTART_BACKOFF.delay(slot.quick_deaths)
@@ -129,6 +123,8 @@ class WorkerPool:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.handoff is not None:
+            self.handoff.stop()
         if self._supervisor is not None:
             self._supervisor.cancel()
         running = [s.process for s in self.slots if s.process and s.process.poll() is None]
@@ -150,3 +146,7 @@ class WorkerPool:
             if slot.results is not None:
                 slot.results.close()
                 slot.results = None
+
+
+def _ignore(task_id: str, status: int, body: dict) -> None:
+    pass

@@ -33,6 +33,7 @@ from service.redact import safe_url
 from service.runtime import metrics
 from service.runtime.mail_sender import MailSender
 from service.runtime.outcomes import Announce, Outcomes
+from service.runtime.results_pipe import Room
 from service.runtime.webhook_sender import WebhookSender
 from service.storage.queue import Lease
 from service.storage.store import Store
@@ -64,7 +65,7 @@ class ShuttingDown(Interrupted):
 
 class Worker:
     def __init__(self, config: Config, store: Store, name: str | None = None,
-                 announce: Announce | None = None):
+                 announce: Announce | None = None, room: Room | None = None):
         self.config = config
         self.store = store
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -86,11 +87,22 @@ class Worker:
         self._ending: set[str] = set()
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        # Handed over by the API process (runtime.handoff): reports of room
+        # go back to it, queued tasks handed over wait here to be claimed
+        # by id, and a claim scan runs only when due (woken to scan, the
+        # poll interval, or the last scan filled every free slot), not
+        # after every end.
+        self.room = room
+        self._handed: list[dict] = []
+        self._seen = 0
+        self._scan_due = True
         self._jobs: set[asyncio.Task] = set()
 
     # -- lifecycle --------------------------------------------------------
 
     def stop(self) -> None:
+        if self.room is not None:
+            self.room(self.name, 0, self._seen)  # no more handoffs
         if not self.stopping.is_set():
             log.info("worker %s draining: no new claims, %d downloads running",
                      self.name, len(self.active))
@@ -152,21 +164,75 @@ class Worker:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.poll_interval)
             except TimeoutError:
-                pass
+                self._scan_due = True
 
     async def _claim_while_free(self) -> None:
-        while not self.stopping.is_set():
-            free = self.config.concurrency - len(self.active)
-            if free <= 0:
-                return
-            # A few at a time: a burst of big files then spreads over the
-            # workers instead of all landing on the first awake.
-            free = min(free, CLAIM_BATCH)
-            claimed = await self.store.queue.claim(self.name, free)
-            for task in claimed:
+        try:
+            while not self.stopping.is_set():
+                free = self.config.concurrency - len(self.active)
+                if free <= 0:
+                    return
+                if self._handed:
+                    docs, self._handed = self._handed[:free], self._handed[free:]
+                    for task in await self.store.queue.take_handed(self.name, docs):
+                        self._start(task)
+                    continue
+                if self.room is not None and not self._scan_due:
+                    return  # the API hands over what it stores
+                # A few at a time: a burst of big files then spreads over the
+                # workers instead of all landing on the first awake.
+                free = min(free, CLAIM_BATCH)
+                claimed = await self.store.queue.claim(self.name, free)
+                for task in claimed:
+                    self._start(task)
+                # A full take may have left more behind: scan again at the
+                # next free slot.
+                self._scan_due = len(claimed) == free
+                if len(claimed) < free:
+                    return
+        finally:
+            self._report_room()
+
+    # -- handed over by the API process ------------------------------------
+
+    def handed(self, doc: dict) -> None:
+        """A task from the wake pipe: made out to this worker at insert
+        (start it), or queued for it to claim by id."""
+        self._seen += 1
+        if doc.get("status") != "queued":
+            task = Task.from_doc(doc)
+            if task.worker != self.name:
+                log.warning("task %s was handed to %s, not to this worker %s; left to its "
+                            "lease", task.id, task.worker, self.name)
+            elif self.stopping.is_set() or len(self.active) >= self.config.concurrency:
+                self._give_back(task)
+            else:
                 self._start(task)
-            if len(claimed) < free:
-                return
+                self._report_room()
+            return
+        self._handed.append(doc)
+        self.wake.set()
+
+    def scan_soon(self) -> None:
+        """Woken through the pipe: something was stored that a scan finds."""
+        self._scan_due = True
+        self.wake.set()
+
+    def _report_room(self) -> None:
+        if self.room is not None and not self.stopping.is_set():
+            free = self.config.concurrency - len(self.active) - len(self._handed)
+            self.room(self.name, max(0, free), self._seen)
+
+    def _give_back(self, task: Task) -> None:
+        async def give_back() -> None:
+            try:
+                await self.store.queue.give_back(task, self.name)
+            except PyMongoError:
+                log.warning("task %s: could not give it back; it runs when its lease ends",
+                            task.id)
+        job = asyncio.create_task(give_back())
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
 
     def _start(self, task: Task) -> None:
         # An attempt that found pieces of two versions ("changed") is retried

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from service.config import Config
 from service.runtime.results_pipe import ResultsPipe
+from service.runtime.wake_pipe import WakeReader
 from service.runtime.worker import Worker
 from service.storage.store import open_store
 
@@ -37,7 +38,8 @@ async def main(config: Config) -> None:
         pass
     store = open_store(config, str(config.mongodb_uri))
     results = ResultsPipe.from_environ()
-    worker = Worker(config, store, announce=results.send if results else None)
+    worker = Worker(config, store, announce=results.send if results else None,
+                    room=results.room if results and config.handoff else None)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -59,18 +61,20 @@ async def main(config: Config) -> None:
 
 
 def _watch_wake_pipe(worker: Worker, stop: Callable[[], None]) -> None:
-    """The 'all' role wakes its workers through a pipe after each submit.
-    End of file means the parent died: drain and exit rather than linger."""
+    """The 'all' role hands its workers tasks, or wakes them to scan,
+    through a pipe (runtime.wake_pipe). End of file means the parent died:
+    drain and exit rather than linger."""
     fd_text = os.environ.get("MD5LIGHT_WAKE_FD")
     if not fd_text:
         return
     fd = int(fd_text)
     os.set_blocking(fd, False)
     loop = asyncio.get_running_loop()
+    messages = WakeReader()
 
     def readable() -> None:
         try:
-            data = os.read(fd, 4096)
+            data = os.read(fd, 65536)
         except BlockingIOError:
             return
         if not data:
@@ -78,6 +82,10 @@ def _watch_wake_pipe(worker: Worker, stop: Callable[[], None]) -> None:
             log.warning("parent process gone; worker %s stopping", worker.name)
             stop()
             return
-        worker.wake.set()
+        for message in messages.feed(data):
+            if message is None:
+                worker.scan_soon()
+            else:
+                worker.handed(message)
 
     loop.add_reader(fd, readable)

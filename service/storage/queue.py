@@ -118,6 +118,29 @@ class TaskQueue:
                     taken.append(got)
         return [Task.from_doc(doc) for doc in taken]
 
+    async def take_handed(self, worker: str, docs: list[dict]) -> list[Task]:
+        """Claim tasks the API process handed this worker (runtime.handoff)
+        by their ids, without a scan: those still queued and untried, as a
+        scan's fresh candidates are. Another worker's scan may have taken
+        some meanwhile; they are left out."""
+        if not docs:
+            return []
+        taken = await self._take_fresh(docs, worker, self.clock.now())
+        return [Task.from_doc(doc) for doc in taken]
+
+    async def give_back(self, task: Task, worker: str) -> bool:
+        """A task assigned to ``worker`` at insert that it will not start
+        (it was full, or never got it): queued again as if never claimed,
+        for any worker. Fenced like every write of a running task."""
+        result = await self.tasks.update_one(
+            held(task, worker),
+            [{"$set": {**literal({"status": str(Status.QUEUED), "worker": None, "claim": None,
+                                  "attempts": 0, "started_at": None, "claimed_at": None}),
+                       "lease_until": "$$NOW"}}])
+        if result.modified_count:
+            self.counters.count(queued=1)
+        return bool(result.modified_count)
+
     async def _claim_expired(self, worker: str, now: dt.datetime) -> dict | None:
         for _ in range(_EXPIRED_TRIES):
             cand = await self.tasks.find_one(

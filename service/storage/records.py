@@ -49,8 +49,9 @@ class TaskRecords:
         except DuplicateKeyError:
             # Only an idempotent retry reuses an id; its task is already there.
             return task_id
-        # A task answered from an earlier download is born finished.
-        self.counters.count(queued=0 if task.status.finished else 1, total=1)
+        # A task answered from an earlier download is born finished, one
+        # assigned at insert running.
+        self.counters.count(queued=1 if task.status == Status.QUEUED else 0, total=1)
         return task_id
 
     async def get(self, task_id: str) -> Task | None:
