@@ -566,13 +566,15 @@ class PiecesHandler(_Base):
     ?accept=0: no Accept-Ranges header; ?validator=etag|weak|none.
 
     As a mirror (#28): ?etag=X: the ETag is "X" (another server's ETag for
-    the same bytes); ?fail=N: a 500 to every request after the first N;
+    the same bytes); ?fail=N: a 500 to every request after the first N (or
+    once a test puts its key in ``PiecesHandler.down``);
     ?link=URL: a ``Link: <URL>; rel=duplicate`` header (RFC 6249; repeat
     it for more)."""
 
     requests: dict[str, list[dict]] = {}
     running: dict[str, int] = {}
     busiest: dict[str, int] = {}
+    down: set[str] = set()
 
     async def get(self, key: str, size: str) -> None:
         log = self.requests.setdefault(key, [])
@@ -583,7 +585,7 @@ class PiecesHandler(_Base):
                   "sent": 0, "peer": self.request.remote_ip}
         log.append(record)
         fail = self.get_argument("fail", None)
-        if fail is not None and len(log) > int(fail):
+        if (fail is not None and len(log) > int(fail)) or key in self.down:
             record["status"] = 500
             self.set_status(500)
             self.finish("broken mirror")

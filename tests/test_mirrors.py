@@ -247,3 +247,38 @@ def test_bad_mirrors_and_metalinks_are_400s(svc, form, why):
     r = requests.post(svc.base + "/submit", json=form, timeout=10)
     assert r.status_code == 400, r.text
     assert why in r.json()["error"], r.json()
+
+
+def test_a_resumed_mix_that_misses_expected_starts_over_from_the_primary(make_service, files):
+    # The first attempt hashes a lying mirror's pieces (same ETag, other
+    # bytes) and is checkpointed; its worker is killed. The next attempt
+    # cannot reach the mirror, resumes from that checkpoint over the
+    # primary alone, and its end misses expected: the checkpoint, not the
+    # file, is suspect, so the file is fetched again from the primary.
+    import os
+    import signal
+
+    from test_resume import _wait_for, _worker_pid
+    svc = make_service(**SEGMENTED, LEASE_SECONDS="1.5")
+    size = 48 * MiB
+    key, mirror = server(files, seed=8, size=size, rate=3000000)
+    primary_key, primary = server(files, seed=7, size=size, rate=3000000)
+    right = md5_of(size, 7)
+    r = requests.post(svc.base + "/submit", timeout=10, data={
+        "url": primary, "mirrors": mirror, "expected": f"md5:{right}"})
+    task_id = r.json()["id"]
+    _wait_for(svc, task_id, lambda t: (t["checkpoint_offset"] or 0) > 0.3 * size
+              and any(s["bytes"] for s in t["sources"] or []))
+    assert pieces(key)
+    os.kill(_worker_pid(svc), signal.SIGKILL)
+    PiecesHandler.down.add(key)
+    done = svc.wait(task_id, timeout=120)
+    assert done.status_code == 200, (done.text, svc.task(task_id))
+    assert done.json()["md5"] == right and done.json()["verified"] is True
+    task = svc.task(task_id)
+    assert [h["outcome"] for h in task["history"]] == ["lease_lost", "done"]
+    assert task["history"][1]["resumed_from"] > 0
+    assert "fetched again" in task["sources_note"]
+    # Whole-file requests: the first attempt's, the resume (a range) and
+    # the start over from the primary alone.
+    assert [r["range"] for r in log(primary_key)].count(None) == 2

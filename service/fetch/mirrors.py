@@ -89,8 +89,7 @@ class Source:
     def view(self) -> dict[str, Any]:
         return {"url": self.url, "from": self.origin, "bytes": self.bytes,
                 "connections": self.connections,
-                "validator": "the primary's" if self.proven_by is None and self.validator
-                else self.validator or None,
+                "validator": self.validator or None,
                 "checked_by": self.proven_by, "dropped": self.dropped}
 
 
