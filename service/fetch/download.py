@@ -447,7 +447,7 @@ class Download:
         self.segments = segments = Segments(
             plan, self.sink, self.client, self.config, self.slots, self.pins,
             self._on_piece_bytes, mirrors=usable,
-            pieces=self.wanted.pieces if self.wanted is not None else None)
+            pieces=self.wanted.usable_pieces(total) if self.wanted is not None else None)
         self.bytes_done = self.sink.hashed
         self._mark = (time.monotonic(), self.bytes_done)
         watchdog = PeriodicCallback(self._watch, 1000)

@@ -45,6 +45,9 @@ MAX_URL_LENGTH = 2048
 # help a download anyway.
 PROBE_SECONDS = 10.0
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# A mirror's piece is held in memory until its hash is checked: longer
+# Metalink pieces than this are not used (the window would not bound them).
+MAX_CHECKED_PIECE = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -56,10 +59,18 @@ class Wanted:
     # The length the file must have (a Metalink's <size>).
     size: int | None = None
 
+    def usable_pieces(self, total: int) -> PieceHashes | None:
+        """The piece hashes, if they describe a file of ``total`` bytes in
+        pieces short enough to hold while they are checked."""
+        pieces = self.pieces
+        if pieces is None or not pieces.fits(total) or pieces.length > MAX_CHECKED_PIECE:
+            return None
+        return pieces
+
     def proof(self, total: int) -> str | None:
         """What checks a mirror's bytes that another validator vouches
         for (None: nothing; only the primary's validator will do)."""
-        if self.pieces is not None and self.pieces.fits(total):
+        if self.usable_pieces(total) is not None:
             return "the Metalink's piece hashes"
         if self.expected is not None:
             return f"the expected {self.expected.algorithm}"

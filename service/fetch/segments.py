@@ -176,10 +176,10 @@ class Segments:
         self.front = sink.hashed
         self.piece_size = max(PIECE_MIN, min(PIECE_MAX,
                                              config.segment_window // (2 * plan.connections)))
-        # With piece hashes, pieces are whole multiples of the Metalink's
-        # pieces, on its grid, so that one source sends all of each.
-        self.pieces = pieces if pieces is not None and pieces.fits(plan.total) \
-            and len(self.sources) > 1 else None
+        # With piece hashes (mirrors.Wanted.usable_pieces: they fit, and a
+        # piece is at most 16 MiB), pieces are whole multiples of the
+        # Metalink's pieces, on its grid, so that one source sends all of each.
+        self.pieces = pieces if len(self.sources) > 1 else None
         if self.pieces is not None:
             self.piece_size = self.pieces.length * max(1, self.piece_size // self.pieces.length)
         # Mirror bytes hashed that no piece hash checked: if the digest then
@@ -499,7 +499,7 @@ class Segments:
         if piece.held and piece.next == piece.end:
             assert self.pieces is not None
             # Hashed here, on the IOLoop: a piece is at most 16 MiB (tens
-            # of milliseconds of sha-1), once per mirror piece.
+            # of milliseconds of sha-1; MAX_CHECKED_PIECE), once a mirror piece.
             problem = self.pieces.problem(piece.start, piece.buffer)
             if problem is not None:
                 exchange.close(_Drop(f"{problem}: its copy is corrupt"))
