@@ -567,7 +567,8 @@ class PiecesHandler(_Base):
 
     As a mirror (#28): ?etag=X: the ETag is "X" (another server's ETag for
     the same bytes); ?fail=N: a 500 to every request after the first N (or
-    once a test puts its key in ``PiecesHandler.down``);
+    once a test puts its key in ``PiecesHandler.down``); ?cut=N: the
+    connection closed, unanswered, on every request after the first N;
     ?link=URL: a ``Link: <URL>; rel=duplicate`` header (RFC 6249; repeat
     it for more)."""
 
@@ -589,6 +590,11 @@ class PiecesHandler(_Base):
             record["status"] = 500
             self.set_status(500)
             self.finish("broken mirror")
+            return
+        cut = self.get_argument("cut", None)
+        if cut is not None and len(log) > int(cut):
+            record["status"] = None
+            self.request.connection.stream.close()
             return
         for link in self.get_arguments("link"):
             self.add_header("Link", f"<{link}>; rel=duplicate")

@@ -131,6 +131,34 @@ def test_a_mirror_that_fails_midway_hands_its_pieces_back(svc, files):
     assert "status 500" in source["dropped"] and source["bytes"] == pieces(key)[0]["sent"]
 
 
+def test_a_mirror_that_drops_connections_midway_hands_its_pieces_back(svc, files):
+    key, mirror = server(files, cut=2)  # the probe and one piece, then closed unanswered
+    _, primary = server(files)
+    task_id, task = run(svc, data={"url": primary, "mirrors": mirror})
+    assert svc.check(task_id).json()["md5"] == md5_of(SIZE, 5)
+    assert len(pieces(key)) == 1 and any(r["status"] is None for r in log(key))
+    [source] = task["sources"]
+    assert source["dropped"] and "closed" in source["dropped"], source
+    assert source["bytes"] == pieces(key)[0]["sent"]
+
+
+def test_cancel_stops_the_mirrors_connections_too(svc, files):
+    import time
+    key, mirror = server(files, rate=500000)
+    primary_key, primary = server(files, rate=500000)
+    r = requests.post(svc.base + "/submit", data={"url": primary, "mirrors": mirror},
+                      timeout=10)
+    task_id = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while PiecesHandler.running.get(key, 0) < 2 or PiecesHandler.running.get(primary_key, 0) < 2:
+        assert time.monotonic() < deadline, (PiecesHandler.running.get(key),
+                                             PiecesHandler.running.get(primary_key))
+        time.sleep(0.05)
+    assert requests.delete(f"{svc.base}/tasks/{task_id}", timeout=10).status_code == 200
+    time.sleep(1.5)
+    assert PiecesHandler.running.get(key, 0) == 0 == PiecesHandler.running.get(primary_key, 0)
+
+
 def test_a_mirror_that_refuses_connections_is_dropped_at_its_probe(svc, files):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
