@@ -217,11 +217,13 @@ class Download:
         if self.mirror_sources:
             shown["sources"] = [s.view() for s in self.mirror_sources]
         note = self.sources_note
-        if note is None and not self.mirror_sources and (
+        why_one = self.single_why if self.connections > 1 else (
+            "one connection was asked for, or this is a retry after the file changed")
+        if note is None and not self.mirror_sources and why_one is not None and (
                 self.link_mirrors or (self.wanted is not None and self.wanted.urls)):
+            # Known once the first answer (and the link's rate) decided it.
             note = ("the mirrors were not used: mirrors serve pieces of a download over "
-                    "several connections, and this one ran over one"
-                    + (f" ({self.single_why})" if self.single_why else ""))
+                    f"several connections, and this one ran over one ({why_one})")
         if note is not None:
             shown["sources_note"] = note
         return shown
