@@ -310,3 +310,29 @@ def test_a_resumed_mix_that_misses_expected_starts_over_from_the_primary(make_se
     # Whole-file requests: the first attempt's, the resume (a range) and
     # the start over from the primary alone.
     assert [r["range"] for r in log(primary_key)].count(None) == 2
+
+
+def test_link_headers_and_metalink_urls_are_ranked_by_preference():
+    # Pure functions: no service. RFC 6249's pri and RFC 5854's priority,
+    # lowest first; a url without one last, in document order; only
+    # http(s) links, relative ones resolved against the answer's URL.
+    from tornado.httputil import HTTPHeaders
+
+    from service.fetch.mirrors import duplicates
+    from service.intake.metalink import parse
+    headers = HTTPHeaders()
+    headers.add("Link", '<http://a/x>; rel=duplicate; pri=2, <http://b/y>; rel="duplicate"; '
+                        "pri=1, </rel>; rel=duplicate")
+    headers.add("Link", '<http://c/z>; rel=next, <ftp://d/>; rel=duplicate, '
+                        '<http://e/q?a=1,2>; rel="describedby duplicate"')
+    assert duplicates(headers, "http://host/base/file") == [
+        "http://b/y", "http://a/x", "http://host/rel", "http://e/q?a=1,2"]
+    document = ('<metalink xmlns="urn:ietf:params:xml:ns:metalink"><file name="f">'
+                '<url>http://last/f</url><url priority="2">http://second/f</url>'
+                '<url priority="1">http://first/f</url>'
+                '<hash type="md5">' + "a" * 32 + '</hash>'
+                '<hash type="sha-256">' + "b" * 64 + '</hash></file></metalink>')
+    described = parse(document)
+    assert described.urls == ["http://first/f", "http://second/f", "http://last/f"]
+    assert str(described.expected) == "sha256:" + "b" * 64
+    assert described.size is None and described.pieces is None

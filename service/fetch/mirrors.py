@@ -109,15 +109,15 @@ def duplicates(headers: httputil.HTTPHeaders, base: str) -> list[str]:
     most preferred (lowest ``pri``) first; ones a submit would refuse as a
     mirror are left out."""
     found: list[tuple[int, int, str]] = []
-    for value in headers.get_list("Link"):
-        for order, (target, params) in enumerate(_links(value)):
-            rels = _param(params, "rel")
-            if rels is None or "duplicate" not in rels.lower().split():
-                continue
-            pri = _param(params, "pri") or ""
-            url = urllib.parse.urljoin(base, target)
-            if url_problem(url) is None:
-                found.append((int(pri) if pri.isdigit() else 999999, order, url))
+    links = [link for value in headers.get_list("Link") for link in _links(value)]
+    for order, (target, params) in enumerate(links):
+        rels = _param(params, "rel")
+        if rels is None or "duplicate" not in rels.lower().split():
+            continue
+        pri = _param(params, "pri") or ""
+        url = urllib.parse.urljoin(base, target)
+        if url_problem(url) is None:
+            found.append((int(pri) if pri.isdigit() and pri.isascii() else 999999, order, url))
     urls: list[str] = []
     for _, _, url in sorted(found):
         if url not in urls:
