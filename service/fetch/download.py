@@ -406,6 +406,8 @@ class Download:
             # Which mirror sent the wrong bytes is unknown (no piece hashes
             # pinned it): none is trusted again, and the primary alone
             # decides whether the file is the expected one.
+            if self.error is not None and not isinstance(self.error, (_StartOver, _Segment)):
+                raise self.error from None  # aborted meanwhile: a cancel, a drain
             self.sources_note = (f"{exc}; the mirrors' bytes are suspect, not the file, so it "
                                  f"was fetched again from {host_of(self.url)} alone")
             for source in self.mirror_sources:
