@@ -159,6 +159,30 @@ def test_cancel_stops_the_mirrors_connections_too(svc, files):
     assert PiecesHandler.running.get(key, 0) == 0 == PiecesHandler.running.get(primary_key, 0)
 
 
+def test_cancel_while_a_mirror_is_probed_stops_the_probe_and_starts_no_piece(svc, files):
+    # A mirror that accepts the connection and never answers: the probe
+    # would wait its 10 s; a cancel closes it within about a second.
+    import time
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        primary_key, primary = server(files)
+        r = requests.post(svc.base + "/submit", timeout=10, data={
+            "url": primary, "mirrors": f"http://127.0.0.1:{silent.getsockname()[1]}/f"})
+        task_id = r.json()["id"]
+        probe, _ = silent.accept()
+        with probe:
+            probe.settimeout(5)
+            assert probe.recv(65536).startswith(b"GET /f ")
+            assert requests.delete(f"{svc.base}/tasks/{task_id}", timeout=10).status_code == 200
+            cancelled = time.monotonic()
+            assert probe.recv(65536) == b""  # closed by the worker
+            assert time.monotonic() - cancelled < 2.5
+    time.sleep(0.5)
+    assert [x["range"] for x in log(primary_key)] == [None]  # no piece was asked for
+
+
 def test_a_mirror_that_refuses_connections_is_dropped_at_its_probe(svc, files):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -447,7 +447,11 @@ class Download:
         plan = Plan(self.url, validator(self._headers) or "", total, self.connections,
                     USER_AGENT, self.config.max_redirects)
         assert self.slots is not None and plan.validator
-        usable = [s for s in await self._probe_mirrors(plan) if s.dropped is None]
+        try:
+            usable = [s for s in await self._probe_mirrors(plan) if s.dropped is None]
+        except BaseException:
+            await self.sink.discard()
+            raise
         self.segments = segments = Segments(
             plan, self.sink, self.client, self.config, self.slots, self.pins,
             self._on_piece_bytes, mirrors=usable,
