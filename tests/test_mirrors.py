@@ -360,3 +360,22 @@ def test_link_headers_and_metalink_urls_are_ranked_by_preference():
     assert described.urls == ["http://first/f", "http://second/f", "http://last/f"]
     assert str(described.expected) == "sha256:" + "b" * 64
     assert described.size is None and described.pieces is None
+
+
+def test_the_cli_submits_mirrors(svc, files):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    _, primary = server(files, size=MiB)
+    _, a = server(files, size=MiB)
+    _, b = server(files, size=MiB)
+    out = subprocess.run([sys.executable, str(root / "run.py"), "submit", primary,
+                          "--mirror", a, "--mirror", b],
+                         env=dict(os.environ, MD5LIGHT_URL=svc.base),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    task_id = out.stdout.strip()
+    assert svc.wait(task_id).json()["md5"] == md5_of(MiB, 5)
+    assert svc.task(task_id)["mirrors"] == [a, b]
