@@ -34,7 +34,7 @@ run: $(STAMP)
 # their own, so that make test stays well under ten minutes; CI runs both.
 SOURCES := tests/test_segments.py tests/test_resume.py tests/test_ftp.py tests/test_s3.py \
 	tests/test_store_claims.py tests/test_ena.py tests/test_manifest_limits.py \
-	tests/test_access.py
+	tests/test_access.py tests/test_mirrors.py
 
 test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest --ignore=tests/test_partitions.py \

@@ -14,6 +14,7 @@ from service.intake.admission import (
     Verdict,
 )
 from service.intake.callers import Caller
+from service.intake.metalink import MEDIA_TYPE as METALINK
 from service.intake.submissions import Submissions
 from service.intake.validation import InvalidInput
 from service.live.answers import CheckAnswers
@@ -43,7 +44,8 @@ class SubmitHandler(JsonHandler):
                 algorithms=args.get("algorithms", []), expected=self.one(args, "expected"),
                 callback_url=self.one(args, "callback_url"),
                 max_age=self.one(args, "max_age"), owner=caller.key_id,
-                connections=self.one(args, "connections")),
+                connections=self.one(args, "connections"),
+                mirrors=args.get("mirrors", []), metalink=self._metalink(args)),
                 patience=SUBMIT_PATIENCE)
         except InvalidInput as exc:
             return self.send(400, {"error": str(exc)})
@@ -67,6 +69,23 @@ class SubmitHandler(JsonHandler):
         self.rate_limit_headers(accepted.standing)
         self.set_header("Location", f"/check?id={accepted.task_id}")
         self.send(202, {"id": accepted.task_id})
+
+    def _metalink(self, args: dict[str, list[str]]) -> str | None:
+        """A Metalink document: the ``metalink`` field, or the whole body
+        sent as application/metalink4+xml (the other fields then in the
+        query string)."""
+        field = self.one(args, "metalink")
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != METALINK:
+            return field
+        if field is not None:
+            raise web.HTTPError(400, log_message="metalink given twice: as the body and as "
+                                                 "a parameter")
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise web.HTTPError(400, log_message="the Metalink document is not valid "
+                                                 "UTF-8") from None
 
     def rate_limit_headers(self, verdict: Verdict, reset: int | None = None) -> None:
         """draft-ietf-httpapi-ratelimit-headers-11: the quota is of

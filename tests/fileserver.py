@@ -563,11 +563,19 @@ class PiecesHandler(_Base):
     when N are already running; ?change=N: from the N+1-th request on the
     file is another version (other bytes and ETag) and If-Range is ignored
     (?honest=1: honoured); ?noranges=1: a 200 to every ranged request;
-    ?accept=0: no Accept-Ranges header; ?validator=etag|weak|none."""
+    ?accept=0: no Accept-Ranges header; ?validator=etag|weak|none.
+
+    As a mirror (#28): ?etag=X: the ETag is "X" (another server's ETag for
+    the same bytes); ?fail=N: a 500 to every request after the first N (or
+    once a test puts its key in ``PiecesHandler.down``); ?cut=N: the
+    connection closed, unanswered, on every request after the first N;
+    ?link=URL: a ``Link: <URL>; rel=duplicate`` header (RFC 6249; repeat
+    it for more)."""
 
     requests: dict[str, list[dict]] = {}
     running: dict[str, int] = {}
     busiest: dict[str, int] = {}
+    down: set[str] = set()
 
     async def get(self, key: str, size: str) -> None:
         log = self.requests.setdefault(key, [])
@@ -577,6 +585,19 @@ class PiecesHandler(_Base):
                   "if_range": self.request.headers.get("If-Range"), "status": 200,
                   "sent": 0, "peer": self.request.remote_ip}
         log.append(record)
+        fail = self.get_argument("fail", None)
+        if (fail is not None and len(log) > int(fail)) or key in self.down:
+            record["status"] = 500
+            self.set_status(500)
+            self.finish("broken mirror")
+            return
+        cut = self.get_argument("cut", None)
+        if cut is not None and len(log) > int(cut):
+            record["status"] = None
+            self.request.connection.stream.close()
+            return
+        for link in self.get_arguments("link"):
+            self.add_header("Link", f"<{link}>; rel=duplicate")
         refuse = int(self.get_argument("refuse", "0"))
         if refuse and self.running.get(key, 0) >= refuse:
             record["status"] = 503
@@ -585,7 +606,8 @@ class PiecesHandler(_Base):
             self.finish("busy")
             return
         kind = self.get_argument("validator", "etag")
-        etag = {"etag": f'"p{version}-{n}"', "weak": f'W/"p{version}-{n}"'}.get(kind)
+        tag = self.get_argument("etag", f"p{version}-{n}")
+        etag = {"etag": f'"{tag}"', "weak": f'W/"{tag}"'}.get(kind)
         if etag:
             self.set_header("ETag", etag)
         if self.get_argument("accept", "1") == "1":

@@ -33,7 +33,7 @@ EXIT_CANCELLED, EXIT_INTERRUPTED = 4, 130
 
 
 def _call(method: str, url: str, data: dict | None = None) -> tuple[int, dict]:
-    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    body = urllib.parse.urlencode(data, doseq=True).encode() if data is not None else None
     request = urllib.request.Request(url, data=body, method=method, headers=auth_headers())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -86,6 +86,8 @@ def main(argv: list[str]) -> int:
                             help=f"compute {name} too (md5 always is)")
     parser.add_argument("--expect", metavar="CHECKSUM",
                         help="verify: sha256:HEX, sha-256=HEX or sha256-BASE64 (implies --wait)")
+    parser.add_argument("--mirror", action="append", metavar="URL", dest="mirrors",
+                        help="another URL of the same file (repeat for more, at most 8)")
     parser.add_argument("--server", default=default_server(),
         help="the service (env MD5LIGHT_URL, default http://127.0.0.1:$PORT or :8000)")
     args = parser.parse_args(argv)
@@ -98,6 +100,8 @@ def main(argv: list[str]) -> int:
     if args.expect:
         data["expected"] = args.expect
         args.wait = True
+    if args.mirrors:
+        data["mirrors"] = args.mirrors
     try:
         code, doc = _call("POST", server + "/submit", data)
     except (urllib.error.URLError, OSError) as exc:

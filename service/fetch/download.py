@@ -23,7 +23,13 @@ A download of at least SEGMENT_MIN_SIZE whose first answer allows ranges
 (``Accept-Ranges: bytes`` or a 206, a strong validator, a length) goes on
 over several ranged connections (``segments``), hashed in order and
 checkpointed at its hashing front whatever its size: its first request is
-closed at its headers and the file fetched as pieces from then on.
+closed at its headers and the file fetched as pieces from then on. Its
+pieces may also come from mirrors (``mirrors``: the task's, and those a
+``Link: rel=duplicate`` of the first answer names), each probed first. If
+mirror bytes that no piece hash checked end in a digest other than the
+expected one (or the server's binding claim), the mirrors are suspect, not
+the file: the download starts over from the primary alone, and
+``sources_note`` says so.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import IOStream
 
 from service.config import Config, human_size
-from service.fetch import server_claims, stall
+from service.fetch import mirrors, server_claims, stall
 from service.fetch import tornado_hooks as hooks
 from service.fetch.checkpoint import Checkpoint, strong_validators, validator
 from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
+from service.fetch.mirrors import Source, Wanted
 from service.fetch.resume import Answer, Resumer
 from service.fetch.segments import HostSlots, Plan, RangesRefused, Segments
 from service.fetch.server_claims import Claim
@@ -88,14 +95,31 @@ class _Segment(Interrupted):
     """The first answer allows ranges: go on over several connections."""
 
 
+class _PrimaryOnly(Exception):
+    """Mirror bytes went into a digest that is not what was expected."""
+
+
 class Download:
     """One fetch of one URL into its digests."""
 
     def __init__(self, url: str, config: Config, client: AsyncHTTPClient,
                  executor: Executor | None, algorithms: list[str] | None = None,
                  checkpoint: Checkpoint | None = None, revalidate: KnownFile | None = None,
-                 connections: int | None = None, slots: HostSlots | None = None):
+                 connections: int | None = None, slots: HostSlots | None = None,
+                 wanted: Wanted | None = None):
         self.url = url
+        # The task's mirrors and what checks their bytes; the mirrors the
+        # first answer's Link headers name; each probed mirror (dropped
+        # ones too, with why), and what became of them.
+        self.wanted = wanted
+        self.link_mirrors: list[str] = []
+        self.mirror_sources: list[Source] = []
+        self.sources_note: str | None = None
+        self._primary_only = False
+        self._probing: asyncio.Future | None = None
+        # The URL of the hop being fetched (tornado_hooks sets it): Link
+        # headers are relative to it.
+        self.hop_url: str | None = None
         # Segmented downloads need the worker's per-host budget (``slots``).
         self.connections = (connections or config.connections_per_download) if slots else 1
         self.slots = slots
@@ -164,6 +188,8 @@ class Download:
             self._stream.close()
         if self.segments is not None:
             self.segments.abort(self.error)
+        if self._probing is not None:
+            self._probing.cancel()
         # Closing the stream normally ends the fetch at once; should the
         # HTTP client still not resolve it, stop waiting for it.
         if self._gave_up is not None and not self._gave_up.done():
@@ -188,6 +214,18 @@ class Download:
         shown["connections"] = {
             "used": segments.used if segments else 1, "asked": self.connections,
             "why_fewer": segments.why_fewer if segments else self.single_why}
+        if self.mirror_sources:
+            shown["sources"] = [s.view() for s in self.mirror_sources]
+        note = self.sources_note
+        why_one = self.single_why if self.connections > 1 else (
+            "one connection was asked for, or this is a retry after the file changed")
+        if note is None and not self.mirror_sources and why_one is not None and (
+                self.link_mirrors or (self.wanted is not None and self.wanted.urls)):
+            # Known once the first answer (and the link's rate) decided it.
+            note = ("the mirrors were not used: mirrors serve pieces of a download over "
+                    f"several connections, and this one ran over one ({why_one})")
+        if note is not None:
+            shown["sources_note"] = note
         return shown
 
     # -- Tornado callbacks -----------------------------------------------
@@ -224,10 +262,14 @@ class Download:
                 return
             self._not_modified = True
             return
+        if 200 <= status < 300 and self.connections > 1:
+            self.link_mirrors = mirrors.duplicates(self._headers, self.hop_url or self.url)
         if answer is Answer.CONTINUE:
             self.claim, total = self.resume.continue_into(self.sink, self._headers)
             if total > self.config.max_file_size:
                 self.abort(self._too_large())
+                return
+            if self._wrong_size(total):
                 return
             self.bytes_done, self.bytes_total = self.sink.hashed, total
             self._mark = (time.monotonic(), self.bytes_done)
@@ -252,6 +294,8 @@ class Download:
             if length > self.config.max_file_size:
                 self.abort(self._too_large())
                 return
+            if self._wrong_size(length):
+                return
             self.bytes_total = length
         self.claim = server_claims.pick(server_claims.claims(self._headers),
                                         self.sink.algorithms)
@@ -265,6 +309,17 @@ class Download:
         else:
             self.resume.begin(self.sink, self.bytes_total, self._headers, self.claim)
             self._segmentable(self.bytes_total)  # says why one connection, if asked for more
+
+    def _wrong_size(self, total: int) -> bool:
+        """A file of another length than the Metalink's <size> is not the
+        file it describes (aborted as ``mismatch``)."""
+        size = self.wanted.size if self.wanted is not None else None
+        if size is None or total == size:
+            return False
+        self.abort(FetchError("mismatch", (
+            f"the file at {host_of(self.url)} is {total} bytes long, but the Metalink "
+            f"document says {size}"), False))
+        return True
 
     def _worth_measuring(self, total: int | None) -> bool:
         """Whether a slow link would change how this download goes on: a big
@@ -346,6 +401,26 @@ class Download:
     async def run(self) -> Fetched:
         """The digests of the body, or FetchError."""
         try:
+            return await self._run()
+        except _PrimaryOnly as exc:
+            # Which mirror sent the wrong bytes is unknown (no piece hashes
+            # pinned it): none is trusted again, and the primary alone
+            # decides whether the file is the expected one.
+            if self.error is not None and not isinstance(self.error, (_StartOver, _Segment)):
+                raise self.error from None  # aborted meanwhile: a cancel, a drain
+            self.sources_note = (f"{exc}; the mirrors' bytes are suspect, not the file, so it "
+                                 f"was fetched again from {host_of(self.url)} alone")
+            for source in self.mirror_sources:
+                if source.dropped is None:
+                    source.dropped = "its bytes were part of a digest that did not match"
+            self._primary_only = True
+            self.segments = None
+            self.resume.forget()
+            self._begin()
+            return await self._run()
+
+    async def _run(self) -> Fetched:
+        try:
             try:
                 return await self._run_once()
             except _StartOver:
@@ -372,8 +447,15 @@ class Download:
         plan = Plan(self.url, validator(self._headers) or "", total, self.connections,
                     USER_AGENT, self.config.max_redirects)
         assert self.slots is not None and plan.validator
-        self.segments = segments = Segments(plan, self.sink, self.client, self.config,
-                                            self.slots, self.pins, self._on_piece_bytes)
+        try:
+            usable = [s for s in await self._probe_mirrors(plan) if s.dropped is None]
+        except BaseException:
+            await self.sink.discard()
+            raise
+        self.segments = segments = Segments(
+            plan, self.sink, self.client, self.config, self.slots, self.pins,
+            self._on_piece_bytes, mirrors=usable,
+            pieces=self.wanted.usable_pieces(total) if self.wanted is not None else None)
         self.bytes_done = self.sink.hashed
         self._mark = (time.monotonic(), self.bytes_done)
         watchdog = PeriodicCallback(self._watch, 1000)
@@ -387,6 +469,34 @@ class Download:
             watchdog.stop()
             self.bytes_done = segments.front
         return self._checked(await self.sink.hexdigests())
+
+    async def _probe_mirrors(self, plan: Plan) -> list[Source]:
+        """Every mirror probed at once (``mirrors.probe``): the task's
+        first, then the Link headers', MAX_MIRRORS in all."""
+        if self._primary_only:
+            return []
+        wanted = self.wanted or Wanted([])
+        urls: list[tuple[str, str]] = []
+        for url, origin in [*((u, "submit") for u in wanted.urls),
+                            *((u, "link") for u in self.link_mirrors)]:
+            if url not in (self.url, self.hop_url) and all(url != u for u, _ in urls):
+                urls.append((url, origin))
+        if not urls:
+            return []
+        proof = wanted.proof(plan.total)
+        self._probing = asyncio.ensure_future(asyncio.gather(*(
+            mirrors.probe(url, origin, plan.validator, plan.total, proof, self.client,
+                          self.config, self.pins, USER_AGENT)
+            for url, origin in urls[:mirrors.MAX_MIRRORS])))
+        try:
+            self.mirror_sources = list(await self._probing)
+        except asyncio.CancelledError:
+            if self.error is not None:
+                raise self.error from None
+            raise
+        finally:
+            self._probing = None
+        return self.mirror_sources
 
     def _on_piece_bytes(self, n: int) -> None:
         self.fetched += n
@@ -458,7 +568,39 @@ class Download:
     def _validators(self) -> tuple[str | None, str | None]:
         return strong_validators(self._headers)
 
+    def _mixed(self) -> bool:
+        """Whether mirror bytes no piece hash checked may be in the digest:
+        this run's, or a checkpoint's from an attempt that had mirrors."""
+        if self._primary_only:
+            return False
+        if self.segments is not None and self.segments.unchecked_mirror_bytes:
+            return True
+        had = bool(self.link_mirrors or (self.wanted is not None and self.wanted.urls))
+        return self.resume.resumed_from is not None and had
+
+    def _mixed_problem(self, digests: dict[str, str]) -> str | None:
+        expected = self.wanted.expected if self.wanted is not None else None
+        if expected is not None and digests.get(expected.algorithm) != expected.hex:
+            return (f"the {expected.algorithm} of the bytes from {host_of(self.url)} and its "
+                    f"mirrors is {digests.get(expected.algorithm)}, not the expected "
+                    f"{expected.hex}")
+        if self.claim is not None and self.claim.binding:
+            server = server_claims.compare(self.claim, digests, self.sink)
+            if not server.match:
+                return (f"the bytes from {host_of(self.url)} and its mirrors do not match "
+                        f"its {server.header} header")
+        return None
+
     def _checked(self, digests: dict[str, str]) -> Fetched:
+        if self._mixed():
+            problem = self._mixed_problem(digests)
+            if problem is not None:
+                raise _PrimaryOnly(problem)
+        size = self.wanted.size if self.wanted is not None else None
+        if size is not None and self.bytes_done != size:
+            raise FetchError("mismatch", (
+                f"the file at {host_of(self.url)} is {self.bytes_done} bytes long, but the "
+                f"Metalink document says {size}"), False)
         etag, modified = self._validators()
         fetched = Fetched({a: digests[a] for a in self.algorithms}, etag=etag,
                           last_modified=modified)

@@ -19,6 +19,7 @@ from service.fetch.checkpoint import Checkpoint
 from service.fetch.download import Download, Fetched
 from service.fetch.errors import FetchError, Interrupted
 from service.fetch.ftp import DEFAULT_PORTS, FtpDownload
+from service.fetch.mirrors import Wanted
 from service.fetch.segments import HostSlots
 from service.model.same_file import KnownFile
 
@@ -50,10 +51,13 @@ def make_download(url: str, config: Config, client: AsyncHTTPClient,
                   executor: Executor | None, algorithms: list[str] | None = None,
                   checkpoint: Checkpoint | None = None,
                   revalidate: KnownFile | None = None, connections: int | None = None,
-                  slots: HostSlots | None = None) -> Transfer:
+                  slots: HostSlots | None = None, wanted: Wanted | None = None) -> Transfer:
+    """``wanted``: the task's mirrors and what checks them (HTTP only: an
+    FTP file, or its HTTPS copy, has no mirrors)."""
     if urllib.parse.urlsplit(url).scheme.lower() not in DEFAULT_PORTS:
         return Download(url, config, client, executor, algorithms, checkpoint,
-                        revalidate=revalidate, connections=connections, slots=slots)
+                        revalidate=revalidate, connections=connections, slots=slots,
+                        wanted=wanted)
     ftp = FtpDownload(url, config, executor, algorithms, checkpoint, revalidate)
     alternative = https_alternative(url, config)
     if alternative is None:

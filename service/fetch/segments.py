@@ -27,6 +27,17 @@ request). Every connection resolves to the address the first request used
 (``netpolicy.PINNED``), so all pieces come from the server the policy
 checked first. A per-host budget (``HostSlots``) bounds a worker's extra
 connections to one host across its downloads.
+
+Mirrors (``mirrors``) are more sources of the same pieces: connections are
+spread over the sources round-robin, each piece asks its own source with
+that source's own validator in If-Range, and any failure of a mirror (an
+error, a refusal, an answer of another version or range, a piece whose
+Metalink hash disagrees) drops that mirror, with the reason, and its piece
+goes back to the queue for the others. The primary keeps the rules above,
+and always at least one connection. With a Metalink's piece hashes a
+mirror's piece is held until it is whole and checked before any of it is
+hashed: a corrupt mirror is pinned to the piece, and the piece is fetched
+again elsewhere without starting over.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ from service.fetch import tornado_hooks as hooks
 from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
+from service.fetch.mirrors import Source
+from service.model.pieces import PieceHashes
 
 PIECE_MIN, PIECE_MAX = 1024**2, 16 * 1024**2
 # Failed tries of pieces in a row (any connection) before the attempt fails.
@@ -73,6 +86,10 @@ class _Retire(Exception):
 
 class _Again(Exception):
     """This try of a piece failed in a way another try may not."""
+
+
+class _Drop(Exception):
+    """A mirror failed: it serves no more pieces of this download."""
 
 
 @dataclasses.dataclass
@@ -109,12 +126,14 @@ class HostSlots:
 
 
 class _Piece:
-    __slots__ = ("start", "end", "next", "buffer")
+    __slots__ = ("start", "end", "next", "buffer", "held")
 
     def __init__(self, start: int, end: int):
         self.start, self.end = start, end
         self.next = start  # bytes [start, next) have arrived
         self.buffer = bytearray()
+        # A mirror's piece that waits for its piece hashes before hashing.
+        self.held = False
 
     def __lt__(self, other: _Piece) -> bool:
         return self.start < other.start
@@ -124,8 +143,8 @@ class _Exchange:
     """One ranged request: what the TCP client and the resolver need to
     know of it (its stream, to close it; the pinned addresses)."""
 
-    def __init__(self, pins: dict[str, Any]):
-        self.pins = pins
+    def __init__(self, pins: dict[str, Any], host: str):
+        self.pins, self.host = pins, host
         self.stream: IOStream | None = None
         self.closed_why: BaseException | None = None
         self.last_progress = time.monotonic()
@@ -148,13 +167,24 @@ class Segments:
     """Fetch [sink.hashed, total) over ``plan.connections`` connections."""
 
     def __init__(self, plan: Plan, sink: DigestSink, client: AsyncHTTPClient, config: Config,
-                 slots: HostSlots, pins: dict[str, Any], on_bytes: Any):
+                 slots: HostSlots, pins: dict[str, Any], on_bytes: Any,
+                 mirrors: list[Source] | None = None, pieces: PieceHashes | None = None):
         self.plan, self.sink, self.client, self.config = plan, sink, client, config
         self.slots, self.pins, self.on_bytes = slots, pins, on_bytes
         self.host = host_of(plan.url)
+        self.sources = [Source(plan.url, plan.validator, primary=True), *(mirrors or [])]
         self.front = sink.hashed
         self.piece_size = max(PIECE_MIN, min(PIECE_MAX,
                                              config.segment_window // (2 * plan.connections)))
+        # With piece hashes (mirrors.Wanted.usable_pieces: they fit, and a
+        # piece is at most 16 MiB), pieces are whole multiples of the
+        # Metalink's pieces, on its grid, so that one source sends all of each.
+        self.pieces = pieces if len(self.sources) > 1 else None
+        if self.pieces is not None:
+            self.piece_size = self.pieces.length * max(1, self.piece_size // self.pieces.length)
+        # Mirror bytes hashed that no piece hash checked: if the digest then
+        # differs from what was expected, the mirrors are suspect, not the file.
+        self.unchecked_mirror_bytes = 0
         self._next_start = self.front
         self._order: deque[_Piece] = deque()   # pieces not wholly hashed, in file order
         self._requeued: list[_Piece] = []      # heap: pieces a failed try gave back
@@ -210,39 +240,96 @@ class Segments:
             raise self.error
 
     async def _connection(self, index: int) -> None:
-        extra = index > 0
-        if extra and not self.slots.take(self.host):
-            self._fewer(f"{self.slots.limit} connections to {self.host} were in use by other "
-                        "downloads (MAX_CONNECTIONS_PER_HOST)")
-            return
+        live = [s for s in self.sources if s.dropped is None]
+        source: Source | None = live[index % len(live)]
+        assert source is not None
+        # The first connection is the primary's and free; every other holds
+        # one of its host's slots.
+        slot = None
+        if index > 0:
+            if not self.slots.take(source.host):
+                self._fewer(f"{self.slots.limit} connections to {source.host} were in use by "
+                            "other downloads (MAX_CONNECTIONS_PER_HOST)")
+                return
+            slot = source.host
         self.alive += 1
         self.used = max(self.used, self.alive)
+        source.alive += 1
+        source.connections += 1
         try:
-            while True:
-                piece = await self._take()
+            while source is not None:
+                if source.dropped is not None:
+                    # Dropped by another connection's failure.
+                    source.alive -= 1
+                    source, slot = self._reassign(slot)
+                    continue
+                piece = await self._take(source)
                 if piece is None:
+                    if source.dropped is not None:
+                        continue
                     return
                 try:
-                    await self._fetch(piece)
+                    await self._fetch(piece, source)
                     self._failures = 0
-                except _Retire as exc:
+                except (_Retire, _Again, _Drop, FetchError) as exc:
+                    if self.error is not None:
+                        raise self.error from None
+                    if not source.primary:
+                        # A mirror gets no second chance: its piece goes to
+                        # the others, and this connection to another source.
+                        self._reset(piece)
+                        self._give_back(piece)
+                        self._drop(source, getattr(exc, "why", None) or str(exc))
+                        source.alive -= 1
+                        source, slot = self._reassign(slot)
+                        continue
+                    if isinstance(exc, FetchError):
+                        raise
                     self._give_back(piece)
-                    if self.alive > 1:
-                        self._fewer(exc.why)
-                        return
-                    await self._failed(exc.why, exc.retry_after)
-                except _Again as exc:
-                    self._give_back(piece)
-                    await self._failed(str(exc), None)
+                    if isinstance(exc, _Retire):
+                        if source.alive > 1:
+                            self._fewer(exc.why)
+                            return
+                        await self._failed(exc.why, exc.retry_after)
+                    else:
+                        await self._failed(str(exc), None)
         except BaseException as exc:  # noqa: BLE001 - every end is the run's to report
             if not isinstance(exc, asyncio.CancelledError):
                 self.abort(exc)
             raise
         finally:
             self.alive -= 1
-            if extra:
-                self.slots.give(self.host)
+            if source is not None:
+                source.alive -= 1
+            if slot is not None:
+                self.slots.give(slot)
             self._pulse()
+
+    def _drop(self, source: Source, why: str) -> None:
+        if source.dropped is None:
+            source.dropped = why
+            self._pulse()
+
+    def _reassign(self, slot: str | None) -> tuple[Source | None, str | None]:
+        """The source a connection whose mirror was dropped serves next: the
+        live one with the fewest connections, if its host has a slot."""
+        if slot is not None:
+            self.slots.give(slot)
+        live = sorted((s for s in self.sources if s.dropped is None),
+                      key=lambda s: (s.alive, not s.primary))
+        for source in live:
+            if self.slots.take(source.host):
+                source.alive += 1
+                source.connections += 1
+                return source, source.host
+        return None, None
+
+    def _reset(self, piece: _Piece) -> None:
+        """A held piece's bytes were never hashed: all of it is fetched again."""
+        if piece.held:
+            self._buffered -= len(piece.buffer)
+            piece.buffer = bytearray()
+            piece.next, piece.held = piece.start, False
 
     async def _failed(self, why: str, retry_after: float | None) -> None:
         self._failures += 1
@@ -252,22 +339,41 @@ class Segments:
         await asyncio.sleep(min(5.0, retry_after if retry_after is not None
                                 else 0.2 * self._failures))
 
-    async def _take(self) -> _Piece | None:
+    async def _take(self, source: Source) -> _Piece | None:
         """The next piece for a free connection: one a failed try gave back,
-        else the next in file order once it fits in the window."""
-        while self.error is None:
-            if self._requeued:
-                return heapq.heappop(self._requeued)
+        else the next in file order once it fits in the window. With piece
+        hashes a mirror takes only whole pieces of the Metalink's grid that
+        nothing of was received yet (it can then be checked before it is
+        hashed); the primary takes any."""
+        checked = self.pieces is not None and not source.primary
+        while self.error is None and source.dropped is None:
+            for piece in sorted(self._requeued):
+                if not checked or self._checkable(piece):
+                    self._requeued.remove(piece)
+                    heapq.heapify(self._requeued)
+                    piece.held = checked
+                    return piece
             if self._next_start >= self.plan.total:
                 return None
-            end = min(self._next_start + self.piece_size, self.plan.total)
-            if end - self.front <= self.config.segment_window or not self._order:
-                piece = _Piece(self._next_start, end)
+            start = self._next_start
+            end = min(start + self.piece_size, self.plan.total)
+            if self.pieces is not None:
+                end = min((start // self.piece_size + 1) * self.piece_size, self.plan.total)
+            fits = end - self.front <= self.config.segment_window or not self._order
+            if fits and (not checked or self._checkable(_Piece(start, end))):
+                piece = _Piece(start, end)
+                piece.held = checked
                 self._next_start = end
                 self._order.append(piece)
                 return piece
             await self._changed.wait()
         return None
+
+    def _checkable(self, piece: _Piece) -> bool:
+        assert self.pieces is not None
+        length = self.pieces.length
+        return piece.next == piece.start and piece.start % length == 0 \
+            and (piece.end % length == 0 or piece.end == self.plan.total)
 
     def _give_back(self, piece: _Piece) -> None:
         if piece.next < piece.end:
@@ -276,8 +382,9 @@ class Segments:
 
     # -- one piece ---------------------------------------------------------
 
-    async def _fetch(self, piece: _Piece) -> None:
-        exchange = _Exchange(self.pins)
+    async def _fetch(self, piece: _Piece, source: Source) -> None:
+        host = source.host
+        exchange = _Exchange(self.pins, host)
         head: dict[str, Any] = {"status": None, "headers": httputil.HTTPHeaders()}
         want = f"bytes {piece.next}-{piece.end - 1}/{self.plan.total}"
 
@@ -289,7 +396,7 @@ class Segments:
                 if head["status"] is not None and 100 <= head["status"] < 200:
                     head["status"] = None
                 elif head["status"] is not None:
-                    problem = self._judge(head["status"], head["headers"], want)
+                    problem = self._judge(head["status"], head["headers"], want, source)
                     if problem is not None:
                         exchange.close(problem)
             elif head["status"] is not None:
@@ -300,16 +407,16 @@ class Segments:
                 return None
             exchange.last_progress = time.monotonic()
             if piece.next + len(chunk) > piece.end:
-                exchange.close(FetchError("changed", f"{self.host} sent more than the range "
+                exchange.close(FetchError("changed", f"{host} sent more than the range "
                                           "it was asked for", True))
                 return None
-            return self._deliver(piece, chunk, exchange)
+            return self._deliver(piece, chunk, exchange, source)
 
         request = HTTPRequest(
-            self.plan.url, method="GET",
+            source.url, method="GET",
             headers={"Accept-Encoding": "identity", "Accept": "*/*",
                      "Range": f"bytes={piece.next}-{piece.end - 1}",
-                     "If-Range": self.plan.validator},
+                     "If-Range": source.validator},
             user_agent=self.plan.user_agent, follow_redirects=True,
             max_redirects=self.plan.max_redirects, decompress_response=False,
             connect_timeout=self.config.connect_timeout, request_timeout=0,
@@ -336,22 +443,31 @@ class Segments:
         if self.error is not None:
             raise self.error
         why = exchange.closed_why
-        if isinstance(why, (FetchError, Interrupted, RangesRefused, _Retire, _Again)):
+        if isinstance(why, (FetchError, Interrupted, RangesRefused, _Retire, _Again, _Drop)):
             raise why
         if piece.next < piece.end:
             if error is not None and head["status"] is None:
-                failure = classify(error, self.host, piece.next, self.config.connect_timeout)
-                if failure.code in ("connection", "refused", "timeout") and self.alive > 1:
-                    raise _Retire(f"{self.host} refused or dropped an extra connection "
+                failure = classify(error, host, piece.next, self.config.connect_timeout)
+                if failure.code in ("connection", "refused", "timeout") and source.alive > 1:
+                    raise _Retire(f"{host} refused or dropped an extra connection "
                                   f"({failure.message})")
-                if not failure.transient:
+                if not failure.transient or not source.primary:
                     raise failure
                 raise _Again(failure.message)
-            raise _Again(f"{self.host} sent {piece.next - piece.start} of the piece's "
+            raise _Again(f"{host} sent {piece.next - piece.start} of the piece's "
                          f"{piece.end - piece.start} bytes")
 
-    def _judge(self, status: int, headers: httputil.HTTPHeaders, want: str) -> BaseException | None:
+    def _judge(self, status: int, headers: httputil.HTTPHeaders, want: str,
+               source: Source) -> BaseException | None:
         """Why this answer cannot be used for the piece (None: it can)."""
+        if not source.primary:
+            mine = _validator_of(headers, source.validator)
+            got = headers.get("Content-Range", "").strip()
+            if status == 206 and mine == source.validator and got == want:
+                return None
+            return _Drop(f"a piece came back with status {status}, Content-Range "
+                         f"{got or 'none'} and validator {mine or 'none'}, not 206 {want} "
+                         f"under {source.validator}")
         if status in _REFUSING:
             return _Retire(f"{self.host} answered an extra connection with {status}",
                            retry_after_seconds(headers.get("Retry-After")))
@@ -373,12 +489,24 @@ class Segments:
 
     # -- in order ----------------------------------------------------------
 
-    def _deliver(self, piece: _Piece, chunk: bytes,
-                 exchange: _Exchange) -> Awaitable[object] | None:
+    def _deliver(self, piece: _Piece, chunk: bytes, exchange: _Exchange,
+                 source: Source) -> Awaitable[object] | None:
         piece.buffer += chunk
         piece.next += len(chunk)
         self._buffered += len(chunk)
+        source.bytes += len(chunk)
         self.on_bytes(len(chunk))
+        if piece.held and piece.next == piece.end:
+            assert self.pieces is not None
+            # Hashed here, on the IOLoop: a piece is at most 16 MiB (tens
+            # of milliseconds of sha-1; MAX_CHECKED_PIECE), once a mirror piece.
+            problem = self.pieces.problem(piece.start, piece.buffer)
+            if problem is not None:
+                exchange.close(_Drop(f"{problem}: its copy is corrupt"))
+                return None
+            piece.held = False
+        elif not source.primary and not piece.held:
+            self.unchecked_mirror_bytes += len(chunk)
         wait = self._advance()
         if wait is not None:
             return wait
@@ -393,6 +521,8 @@ class Segments:
         moved = False
         while self._order:
             head = self._order[0]
+            if head.held:
+                break
             if head.buffer:
                 data = bytes(head.buffer)
                 head.buffer = bytearray()
@@ -430,7 +560,7 @@ class Segments:
             now = time.monotonic()
             for exchange in list(self._exchanges):
                 if not exchange.paused and now - exchange.last_progress > limit:
-                    exchange.close(_Again(f"no data from {self.host} for {limit:g} s"))
+                    exchange.close(_Again(f"no data from {exchange.host} for {limit:g} s"))
 
 
 def _consume(future: asyncio.Future) -> None:

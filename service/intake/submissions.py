@@ -8,15 +8,19 @@ from __future__ import annotations
 import dataclasses
 
 from service.fetch.netpolicy import AddressPolicy
+from service.intake import metalink as metalinks
 from service.intake.admission import Admission, Verdict
 from service.intake.dispatch import Dispatch
 from service.intake.validation import (
+    MAX_MIRRORS,
+    InvalidInput,
     check_callback_url,
     check_connections,
     check_digests,
     check_email,
     check_idempotency_key,
     check_max_age,
+    check_mirrors,
     check_url,
 )
 from service.model.cached import answer_from
@@ -50,15 +54,35 @@ class Submissions:
                      expected: str | None = None,
                      callback_url: str | None = None,
                      max_age: str | None = None, owner: str | None = None,
-                     connections: str | None = None) -> Accepted:
+                     connections: str | None = None, mirrors: list[str] | None = None,
+                     metalink: str | None = None) -> Accepted:
         """Raises InvalidInput, IdempotencyConflict, QuotaExceeded or
         QueueFull to refuse the task, or the database's error."""
+        size, pieces, from_metalink = None, None, []
+        if metalink is not None and metalink.strip():
+            if url is not None and url.strip():
+                raise InvalidInput("give url or metalink, not both: a Metalink names the "
+                                   "file's URLs itself")
+            described = metalinks.parse(metalink)
+            url, from_metalink = described.urls[0], described.urls[1:]
+            size, pieces = described.size, described.pieces
+            # The user's own expected checksum wins over the document's.
+            if (expected is None or not expected.strip()) and described.expected:
+                expected = str(described.expected)
         wanted, checksum = check_digests(algorithms or [], expected)
-        task = Task.new(check_url(url, self.policy), check_email(email), self.mail_enabled,
+        url = check_url(url, self.policy)
+        others = check_mirrors(list(mirrors or []), url, self.policy)
+        # A Metalink may list dozens of mirrors: the best ones are kept.
+        candidates = [u for u in from_metalink if _is_http(u)][:MAX_MIRRORS]
+        for extra in check_mirrors(candidates, url, self.policy, name="the metalink's mirror"):
+            if extra not in others and len(others) < MAX_MIRRORS:
+                others.append(extra)
+        task = Task.new(url, check_email(email), self.mail_enabled,
                         client=client, owner=owner, algorithms=wanted, expected=checksum,
                         connections=check_connections(connections, self.max_connections),
                         callback_url=check_callback_url(callback_url, self.policy,
-                                                        self.webhooks))
+                                                        self.webhooks),
+                        mirrors=others, size=size, pieces=pieces)
         key = check_idempotency_key(idempotency_key)
         task.max_age = check_max_age(max_age)
         known = (await self.store.known_files.get(task.url, task.algorithms)
@@ -108,3 +132,7 @@ class Submissions:
         standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
                     if verdict is not None else self.admission.peek(client))
         return Accepted(task_id, standing)
+
+
+def _is_http(url: str) -> bool:
+    return url.strip(" ").lower().startswith(("http://", "https://"))

@@ -169,3 +169,25 @@ def check_digests(algorithms: list[str], expected: str | None) -> tuple[list[str
     except DigestSpecError as exc:
         raise InvalidInput(f"algorithms: {exc}") from None
     return wanted, checksum
+
+
+# Mirrors of one file: more rarely help (the connections are shared among
+# them), and each costs a probe before the pieces start.
+MAX_MIRRORS = 8
+MIRROR_SCHEMES = ("http", "https")
+
+
+def check_mirrors(values: list[str], url: str, policy: AddressPolicy,
+                  name: str = "mirror") -> list[str]:
+    """``mirrors``: other URLs of the same file, each under the url's rules
+    but http(s) only (pieces are ranged HTTP requests); the url itself and
+    repeats are dropped."""
+    values = [v for v in values if v is not None and v.strip(" ")]
+    if len(values) > MAX_MIRRORS:
+        raise InvalidInput(f"at most {MAX_MIRRORS} mirrors may be given ({len(values)} were)")
+    mirrors: list[str] = []
+    for number, value in enumerate(values, 1):
+        mirror = check_url(value, policy, name=f"{name} {number}", schemes=MIRROR_SCHEMES)
+        if mirror != url and mirror not in mirrors:
+            mirrors.append(mirror)
+    return mirrors

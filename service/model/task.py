@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from service.model.digests import ALWAYS, Checksum, ServerDigest
 from service.model.ids import new_id
+from service.model.pieces import PieceHashes
 from service.model.same_file import KnownFile
 
 
@@ -182,6 +183,12 @@ class Task:
     # Ranged connections asked for (None: CONNECTIONS_PER_DOWNLOAD); stored
     # only when set.
     connections: int | None = None
+    # Other URLs of the same file (a submit's ``mirrors``, a Metalink's
+    # urls), the length it must have and a Metalink's piece hashes
+    # (fetch.mirrors); each stored only when set.
+    mirrors: list[str] = dataclasses.field(default_factory=list)
+    size: int | None = None
+    pieces: PieceHashes | None = None
     # The fairness lane, from how many unfinished tasks its client had
     # when it was submitted (see storage.queue_scan).
     lane: int = 0
@@ -207,10 +214,13 @@ class Task:
     def new(cls, url: str, email: str | None, mail_enabled: bool,
             client: str | None = None, algorithms: list[str] | None = None,
             expected: Checksum | None = None, callback_url: str | None = None,
-            owner: str | None = None, connections: int | None = None) -> Task:
+            owner: str | None = None, connections: int | None = None,
+            mirrors: list[str] | None = None, size: int | None = None,
+            pieces: PieceHashes | None = None) -> Task:
         note = (NoteStatus.NONE if not email
                 else NoteStatus.PENDING if mail_enabled else NoteStatus.SKIPPED)
         task = cls(url=url, email=email, client=client, owner=owner, connections=connections,
+                   mirrors=list(mirrors or []), size=size, pieces=pieces,
                    notification=Notification(note),
                    algorithms=list(algorithms or [ALWAYS]), expected=expected,
                    callback=Callback(callback_url) if callback_url else None)
@@ -262,6 +272,9 @@ class Task:
             "callback": self.callback.to_doc() if self.callback else None,
             **({"owner": self.owner} if self.owner else {}),
             **({"connections": self.connections} if self.connections else {}),
+            **({"mirrors": self.mirrors} if self.mirrors else {}),
+            **({"size": self.size} if self.size is not None else {}),
+            **({"pieces": self.pieces.to_doc()} if self.pieces else {}),
         }
 
     @classmethod
@@ -285,6 +298,8 @@ class Task:
             worker=doc.get("worker"), claim=doc.get("claim"), claimed_at=doc.get("claimed_at"),
             client=doc.get("client"), owner=doc.get("owner"),
             connections=doc.get("connections"),
+            mirrors=list(doc.get("mirrors") or []), size=doc.get("size"),
+            pieces=PieceHashes.from_doc(doc.get("pieces")),
             lane=doc.get("lane", 0),
             created_at=doc.get("created_at") or utcnow(), started_at=doc.get("started_at"),
             finished_at=doc.get("finished_at"),

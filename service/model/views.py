@@ -56,6 +56,7 @@ def task_view(task: Task, links: bool = False) -> dict[str, Any]:
         "error_code": task.error.code if failed and task.error else None,
         "bytes_done": task.bytes_done, "bytes_total": task.bytes_total,
         "attempts": task.attempts,
+        **_mirrors_view(task),
         "created_at": iso(task.created_at), "started_at": iso(task.started_at),
         "finished_at": iso(task.finished_at),
         "notification": {"status": str(note.status), "attempts": note.attempts,
@@ -103,6 +104,18 @@ def _resume_view(task: Task) -> dict[str, Any]:
             "connections": attempt.get("connections"),
             # An ftp:// file fetched from its HTTPS copy (FTP_PREFER_HTTPS).
             "fetched_url": attempt.get("fetched_url")}
+
+
+def _mirrors_view(task: Task) -> dict[str, Any]:
+    """The mirrors asked for, and what the last attempt made of them: each
+    source's bytes, or why it was dropped (the piece hashes themselves stay
+    in the database: a count says enough)."""
+    attempt = task.attempt or {}
+    pieces = task.pieces
+    return {"mirrors": task.mirrors, "size": task.size,
+            "pieces": {"algorithm": pieces.algorithm, "length": pieces.length,
+                       "count": len(pieces.hashes)} if pieces else None,
+            "sources": attempt.get("sources"), "sources_note": attempt.get("sources_note")}
 
 
 def _finished_by(task: Task) -> str | None:

@@ -26,6 +26,7 @@ from service.fetch.checkpoint import Checkpoint
 from service.fetch.client import make_client
 from service.fetch.download import FetchError, Interrupted
 from service.fetch.loader import Transfer, make_download
+from service.fetch.mirrors import Wanted
 from service.fetch.segments import HostSlots
 from service.model.task import Task
 from service.notify.mailer import Mailer
@@ -243,7 +244,9 @@ class Worker:
                                  task.algorithms, Checkpoint.from_doc(task.checkpoint),
                                  revalidate=task.revalidate,
                                  connections=1 if changed else task.connections,
-                                 slots=self.host_slots)
+                                 slots=self.host_slots,
+                                 wanted=Wanted(task.mirrors, task.expected, task.pieces,
+                                               task.size))
         self.active[task.id] = (task, download)
         self._claimed[task.id] = loop_time()
         job = asyncio.create_task(self._process(task, download))
