@@ -73,7 +73,9 @@ class Callers:
         self.require_key = require_key
         self.loopback_operator = loopback_operator
         self._keys: dict[str, tuple[float, ApiKey | None]] = {}
-        self._any: tuple[float, bool] = (0.0, False)
+        # (when looked up, whether any key was ever made); until the first
+        # lookup answers, keys are assumed made: in doubt, not an operator.
+        self._any: tuple[float, bool] = (0.0, True)
 
     def judges(self, request) -> bool:
         """Whether this request's caller must be settled before any work:
@@ -129,9 +131,14 @@ class Callers:
             return False
         now = time.monotonic()
         if now - self._any[0] >= CACHE_SECONDS:
+            # One lookup at a time: the requests that come while it runs use
+            # the last answer (every request of a burst asked the database).
+            last = self._any
+            self._any = (now, last[1])
             try:
                 self._any = (now, await self.keys.any_made())
             except PyMongoError:
+                self._any = last
                 return False  # in doubt, not an operator
         return not self._any[1]
 

@@ -236,6 +236,12 @@ class Task:
         self.started_at = self.claimed_at = max(now, self.created_at)
         self.lease_until = lease_until
 
+    def unassign(self) -> None:
+        """Undo ``assign`` before the task is stored."""
+        self.status, self.worker, self.claim, self.attempts = Status.QUEUED, None, None, 0
+        self.started_at = self.claimed_at = None
+        self.lease_until = self.created_at
+
     def follow(self, leader: str) -> None:
         """Wait for ``leader``'s download instead of running: no claim
         takes a queued task without a ``lease_until``."""

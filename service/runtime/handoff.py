@@ -138,6 +138,11 @@ class Handoff:
             return None
         now = self.clock.now()
         task.assign(room.name, uuid.uuid4().hex, now, now + self.lease)
+        if wake_pipe.task_message(task.to_doc()) is None:
+            # Too long for one pipe write (a Metalink's piece list, say):
+            # stored queued, and a scan finds it.
+            task.unassign()
+            return None
         room.sent += 1  # on its way: no other submit counts on this slot
         return _Assignment(self, room, task)
 

@@ -83,9 +83,6 @@ class Worker:
         self.outcomes = Outcomes(config, store, self.name, self.mail, self.hooks, announce)
         self.active: dict[str, tuple[Task, Transfer]] = {}
         self._claimed: dict[str, float] = {}  # task id: when (loop_time) it was claimed
-        # Tasks whose download ended and whose end is being written: a
-        # renewal would only find them ended (and read them to see why).
-        self._ending: set[str] = set()
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         # Handed over by the API process (runtime.handoff): reports of room
@@ -267,7 +264,11 @@ class Worker:
             finally:
                 metrics.DOWNLOAD_SECONDS.observe(loop_time() - started)
                 metrics.BYTES_HASHED.inc(download.fetched)
-            self._ending.add(task.id)
+                # The slot is free once the bytes are in: the end's writes
+                # (batched with other ends) need no connection, and a next
+                # task starts meanwhile. Nor is the task renewed any more: a
+                # renewal would only find it ended.
+                self._free_slot(task)
             await self.outcomes.done(task, download, fetched)
         except LeaseLost:
             log.warning("task %s: lease lost, left to the worker that holds it", task.id)
@@ -283,9 +284,11 @@ class Worker:
             log.exception("task %s: unexpected error", task.id)
             await self.outcomes.internal_error(task)
         finally:
-            self.active.pop(task.id, None)
+            self._free_slot(task)
+
+    def _free_slot(self, task: Task) -> None:
+        if self.active.pop(task.id, None) is not None:
             self._claimed.pop(task.id, None)
-            self._ending.discard(task.id)
             self.wake.set()
 
     # -- leases and progress ------------------------------------------------
@@ -299,8 +302,6 @@ class Worker:
             if rounds % SWEEP_ROUNDS == 0:
                 await self._sweep()
             for task, download in list(self.active.values()):
-                if task.id in self._ending:
-                    continue
                 if loop_time() - self._claimed.get(task.id, 0.0) < interval / 2:
                     # Its lease is fresh from the claim: small tasks end
                     # within half a second, and their renewal would only

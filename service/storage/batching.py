@@ -33,7 +33,11 @@ MAX_BATCH = 256
 # How long the first of the writes that end a task waits for others to
 # share its batch: in a burst of small files a worker's tasks end a few
 # milliseconds apart, and one write for several is most of the saving.
-END_LINGER = 0.005
+# Only while busy (another batch went out within BUSY_SECONDS): a lone end
+# is written at once. The worker's slot is free by then (runtime.worker),
+# so the wait costs the /check answer a few milliseconds, not throughput.
+END_LINGER = 0.02
+BUSY_SECONDS = 0.25
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -87,7 +91,8 @@ async def one_by_one(items: list[T], write: Callable[[T], Awaitable[R]]
 class Batcher(Generic[T, R]):
     """Group concurrent calls into one ``write(items)``, which answers
     each item in order (a result, or an exception for that item alone).
-    The first call of a batch waits ``linger`` seconds for company; calls
+    While busy, the first call of a batch waits ``linger`` seconds for
+    company; calls
     made while a batch is being written go in the next one. An exception
     raised by ``write`` itself reaches every caller of that batch."""
 
@@ -97,6 +102,7 @@ class Batcher(Generic[T, R]):
         self.linger = linger
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._flushing = False
+        self._last_flush = float("-inf")
 
     async def submit(self, item: T) -> R:
         future = asyncio.get_running_loop().create_future()
@@ -111,7 +117,10 @@ class Batcher(Generic[T, R]):
 
     async def _flush(self) -> None:
         try:
-            if self.linger:
+            now = asyncio.get_running_loop().time()
+            busy = now - self._last_flush < BUSY_SECONDS
+            self._last_flush = now
+            if self.linger and busy:
                 await asyncio.sleep(self.linger)
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
