@@ -109,6 +109,9 @@ class Yardstick:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
 
+    def redis_pid(self) -> int:
+        return self.procs[0].pid  # started first
+
     def stop(self) -> None:
         # Web and workers first, Redis last, so nothing logs a lost broker.
         for proc in reversed(self.procs):
