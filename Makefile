@@ -40,6 +40,7 @@ test: $(STAMP) $(MONGOSH)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest --ignore=tests/test_partitions.py \
 		--ignore=tests/test_resilience.py --ignore=tests/test_page.py \
 		--ignore=tests/test_image.py --ignore=tests/test_embedded_patches.py \
+		--ignore=tests/test_handoff.py \
 		$(addprefix --ignore=,$(SOURCES)) $(PYTEST_ARGS)
 
 # Where the data lives: big files over several connections (Debian's nginx
@@ -58,11 +59,13 @@ test-browser: $(STAMP) $(MONGOSH)
 # The chaos suite: workers killed mid-download, the database stopped under
 # load, full restarts, and hosts in network namespaces whose links are cut
 # (about four minutes, mostly waiting out leases; CI runs it after make test);
-# and the embedded database's write-path fixes against an unpatched server.
+# the embedded database's write-path fixes against an unpatched server, and
+# the handoff of tasks to the workers, read from the database's profiler.
 test-chaos: $(STAMP) $(MONGOSH)
 	@command -v ip >/dev/null || (apt-get update -qq && apt-get install -y -qq iproute2)
 	MONGOSH=$(abspath $(MONGOSH)) $(BIN)/python -m pytest tests/test_resilience.py \
-		tests/test_partitions.py tests/test_embedded_patches.py $(PYTEST_ARGS)
+		tests/test_partitions.py tests/test_embedded_patches.py tests/test_handoff.py \
+		$(PYTEST_ARGS)
 
 # The container image, built from the Dockerfile and run as users run it
 # (tests/test_image.py): Debian's podman stands in for Docker, a Debian
@@ -112,7 +115,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	@# bench.segments compares against aria2c -x4 -s4 followed by md5sum.
 	@command -v aria2c >/dev/null || (apt-get update -qq && apt-get install -y -qq aria2)
 	@failed=""; \
-	for b in perf digests segments claims compare scaling; do \
+	for b in perf digests segments claims compare scaling listing; do \
 		$(BIN)/python -m bench.$$b || failed="$$failed bench.$$b"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi

@@ -54,6 +54,7 @@ from service.fetch.client import host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
 from service.fetch.mirrors import Source, Wanted
+from service.fetch.netpolicy import pin
 from service.fetch.resume import Answer, Resumer
 from service.fetch.segments import HostSlots, Plan, RangesRefused, Segments
 from service.fetch.server_claims import Claim
@@ -170,12 +171,7 @@ class Download:
 
     def attach(self, stream: IOStream, host: str | None = None) -> None:
         self._stream = stream
-        if host and stream.socket is not None:
-            try:
-                peer = stream.socket.getpeername()[0]
-                self.pins.setdefault(host.lower(), (stream.socket.family, peer))
-            except OSError:
-                pass
+        pin(self.pins, host, stream)
         if self.error is not None:
             stream.close()
 

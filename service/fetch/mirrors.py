@@ -171,13 +171,7 @@ class _Probe:
 
     def attach(self, stream: IOStream, host: str | None = None) -> None:
         self.stream = stream
-        if host and stream.socket is not None:
-            try:
-                peer = stream.socket.getpeername()[0]
-                # Every piece from this host goes to the address probed.
-                self.pins.setdefault(host.lower(), (stream.socket.family, peer))
-            except OSError:
-                pass
+        netpolicy.pin(self.pins, host, stream)  # every piece from this host goes there
 
 
 async def probe(url: str, origin: str, primary: str, total: int, proof: str | None,

@@ -170,6 +170,18 @@ PINNED: contextvars.ContextVar[dict[str, tuple[int, str]] | None] = contextvars.
     "md5light_pinned", default=None)
 
 
+def pin(pins: dict[str, tuple[int, str]], host: str | None, stream) -> None:
+    """Record the address ``stream`` connected to as ``host``'s, unless one
+    is already: the further connections of a download go there too."""
+    if not host or stream.socket is None:
+        return
+    try:
+        peer = stream.socket.getpeername()[0]
+    except OSError:
+        return
+    pins.setdefault(host.lower(), (stream.socket.family, peer))
+
+
 class FilteringResolver(Resolver):
     """Resolves like the default resolver, then drops every address the
     policy forbids; if none is left the connection is refused."""

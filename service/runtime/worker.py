@@ -42,6 +42,9 @@ from service.storage.store import Store
 log = logging.getLogger("md5light.worker")
 
 CLAIM_BATCH = 8
+# A worker kept busy by the API's handoff still scans this often (at a
+# free slot): tasks stored by other API processes must not starve.
+SCAN_AT_LEAST = 5.0
 # Lease rounds (about a second each) between looks for what a worker that
 # died left half done: manifests whose last line ended, coalesced submits
 # whose download ended.
@@ -94,6 +97,7 @@ class Worker:
         self._handed: list[dict] = []
         self._seen = 0
         self._scan_due = True
+        self._last_scan = 0.0
         self._jobs: set[asyncio.Task] = set()
 
     # -- lifecycle --------------------------------------------------------
@@ -159,10 +163,15 @@ class Worker:
                             type(exc).__name__)
                 await asyncio.sleep(CLAIM_BACKOFF.delay(failures))
                 continue
+            room = len(self.active) < self.config.concurrency
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.poll_interval)
             except TimeoutError:
-                self._scan_due = True
+                # A slot stayed free a whole interval with nothing handed
+                # over: look for what others stored. (A busy worker's freed
+                # slot is the API's to fill first, in its order.)
+                self._scan_due = (self._scan_due or room
+                                  and len(self.active) < self.config.concurrency)
 
     async def _claim_while_free(self) -> None:
         try:
@@ -175,11 +184,13 @@ class Worker:
                     for task in await self.store.queue.take_handed(self.name, docs):
                         self._start(task)
                     continue
-                if self.room is not None and not self._scan_due:
+                if (self.room is not None and not self._scan_due
+                        and loop_time() - self._last_scan < SCAN_AT_LEAST):
                     return  # the API hands over what it stores
                 # A few at a time: a burst of big files then spreads over the
                 # workers instead of all landing on the first awake.
                 free = min(free, CLAIM_BATCH)
+                self._last_scan = loop_time()
                 claimed = await self.store.queue.claim(self.name, free)
                 for task in claimed:
                     self._start(task)

@@ -77,4 +77,10 @@ def _options(task: Task) -> dict:
         options["max_age"] = task.max_age
     if task.callback is not None:
         options["callback_url"] = task.callback.url
+    if task.mirrors:
+        options["mirrors"] = list(task.mirrors)
+    if task.pieces is not None:
+        options["pieces"] = task.pieces.to_doc()
+    if task.size is not None:
+        options["size"] = task.size
     return options
