@@ -30,7 +30,9 @@ quarter in rewriting index entries that an update did not change.
    sparseness included); the index is left alone when they are equal.
    Unique and geo indexes keep upstream's path unchanged. Entries are keyed
    by (index, key, RecordId) and an update keeps the RecordId, so equal
-   key sets are equal entries.
+   key sets are equal entries. An index none of whose fields (keys and
+   partial filter) changed at all, to the types and the order of
+   sub-documents, is left alone without computing its keys.
 3. **``$in`` over strings by set membership.** Upstream's ``_op_matches``
    tests a document's value against each ``$in`` candidate in turn with
    its numeric-aware equality: an ``update_many({_id: {$in: ids}})`` of
@@ -220,6 +222,12 @@ def _same_entries(storage, index, old: dict, new: dict, partials: dict, options:
     if unique or opts.get("prepareUnique") or storage._geo_type_of(key_spec) is not None:
         return False
     partial = partials.get(name)
+    fields = {key.split(".", 1)[0] for key in key_spec}
+    if partial is not None:
+        fields |= {key.split(".", 1)[0] for key in partial}
+    if not any(field.startswith("$") for field in fields) and all(
+            _identical(old.get(field, _ABSENT), new.get(field, _ABSENT)) for field in fields):
+        return True  # no field it reads changed, to the type and the order
     if partial is not None:
         old_in, new_in = storage.matches(old, partial), storage.matches(new, partial)
         if old_in != new_in:
@@ -230,6 +238,24 @@ def _same_entries(storage, index, old: dict, new: dict, partials: dict, options:
     return (list(storage._index_key_variants(old, key_spec, sparse=sparse, collation=collation))
             == list(storage._index_key_variants(new, key_spec, sparse=sparse,
                                                 collation=collation)))
+
+
+_ABSENT = object()
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Equal and of the same types throughout, sub-documents in the same
+    order: what makes equal index keys certain without computing them
+    (Python's ``1 == 1.0 == True`` and unordered ``dict`` equality do not)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            ka == kb and _identical(va, vb)
+            for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True))
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def main() -> int:
