@@ -117,7 +117,8 @@ def apply() -> bool:
         setattr(cls, name, storage._retry_write_conflicts(
             _statement(body, local, updating=name in _UPDATE_BODIES)))
     log.warning("embedded database patches applied (secantusdb %s): index descriptions read "
-                "once per statement, updates rewrite only changed index entries", version)
+                "once per statement, updates rewrite only changed index entries, $in of "
+                "strings by set", version)
     return True
 
 
