@@ -20,6 +20,7 @@ targets are issue #25's (small tasks); #17's figures are printed beside.
     e  1 GiB, md5 only, vs curl | md5sum, best of 3 interleaved (<= 0.80)
 
     .venv/bin/python -m bench.compare [--only a,b,c,d,e] [--n 2000] [--profile]
+                                      [--set NAME=VALUE ...]
 
 --profile records py-spy flame graphs of every md5-light process (API,
 each worker, the embedded database) during one more burst, into
@@ -116,7 +117,11 @@ def main() -> int:
     parser.add_argument("--only", default="a,b,c,d,e")
     parser.add_argument("--n", type=int, default=2000, help="files in the burst")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of md5-light's stack, e.g. HANDOFF=0 or "
+                             "EMBEDDED_DB_PATCHES=0 (what moved a figure, switched off)")
     args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
     only = set(args.only.split(","))
     report = Report()
     notes: list[str] = []
@@ -144,7 +149,7 @@ def main() -> int:
                         celery_p99 = p99(sample_latency(yardstick.base, lambda: burst(small)))
                 curl = curl_md5sum(small, 16, sums)
             # One client sends the whole burst: lift the per-client cap above it.
-            with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100)) as stack:
+            with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100), **settings) as stack:
                 db = MongoClient(stack.mongo_uri()).get_default_database()
                 burst = first = Burst(stack.base, sums)
                 burst(small[:16])  # warm up
