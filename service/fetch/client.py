@@ -7,6 +7,7 @@ import email.utils
 import time
 import urllib.parse
 
+from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient
 
 from service.config import Config
@@ -54,3 +55,25 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class ResponseHead:
+    """A response's status and headers as ``header_callback`` hands them
+    over, line by line, interim 1xx heads skipped."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers = httputil.HTTPHeaders()
+
+    def feed(self, line: str) -> bool:
+        """Take one line; True when it ends the final head."""
+        if line.startswith("HTTP/"):
+            self.status = httputil.parse_response_start_line(line.strip()).code
+            self.headers = httputil.HTTPHeaders()
+        elif line == "\r\n":
+            if self.status is not None and 100 <= self.status < 200:
+                self.status = None
+            return self.status is not None
+        elif self.status is not None:
+            self.headers.parse_line(line)
+        return False

@@ -32,7 +32,7 @@ from service.config import Config
 from service.fetch import netpolicy
 from service.fetch import tornado_hooks as hooks
 from service.fetch.checkpoint import validator as validator_of
-from service.fetch.client import host_of
+from service.fetch.client import ResponseHead, host_of
 from service.fetch.errors import classify
 from service.model.digests import Checksum
 from service.model.pieces import PieceHashes
@@ -180,22 +180,15 @@ async def probe(url: str, origin: str, primary: str, total: int, proof: str | No
     """The mirror as a source of pieces, or (``dropped`` set) why not."""
     source = Source(url, "", origin=origin)
     host = host_of(url)
-    head: dict[str, Any] = {"status": None, "headers": httputil.HTTPHeaders()}
+    head = ResponseHead()
     owner = _Probe(pins)
+    ended: list[bool] = []  # the final head arrived
 
     def on_header(line: str) -> None:
-        if line.startswith("HTTP/"):
-            start = httputil.parse_response_start_line(line.strip())
-            head["status"], head["headers"] = start.code, httputil.HTTPHeaders()
-        elif line == "\r\n":
-            if head["status"] is not None and 100 <= head["status"] < 200:
-                head["status"] = None
-            elif head["status"] is not None and owner.stream is not None:
-                # All a probe needs is in the headers; the body is not read.
-                head["done"] = True
-                owner.stream.close()
-        elif head["status"] is not None:
-            head["headers"].parse_line(line)
+        if head.feed(line) and owner.stream is not None:
+            # All a probe needs is in the headers; the body is not read.
+            ended.append(True)
+            owner.stream.close()
 
     request = HTTPRequest(
         url, method="GET", headers={"Accept-Encoding": "identity", "Accept": "*/*",
@@ -221,11 +214,11 @@ async def probe(url: str, origin: str, primary: str, total: int, proof: str | No
         raise
     except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
         error = exc
-    if not head.get("done"):
+    if not ended or head.status is None:
         failure = classify(error, host, 0, config.connect_timeout)
         source.dropped = f"the probe failed: {failure.message}"
         return source
-    source.dropped = judge(source, head["status"], head["headers"], primary, total, proof)
+    source.dropped = judge(source, head.status, head.headers, primary, total, proof)
     return source
 
 

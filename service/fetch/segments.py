@@ -57,7 +57,7 @@ from tornado.iostream import IOStream
 from service.config import Config
 from service.fetch import netpolicy
 from service.fetch import tornado_hooks as hooks
-from service.fetch.client import host_of, retry_after_seconds
+from service.fetch.client import ResponseHead, host_of, retry_after_seconds
 from service.fetch.errors import FetchError, Interrupted, classify
 from service.fetch.hashing import DigestSink
 from service.fetch.mirrors import Source
@@ -385,22 +385,15 @@ class Segments:
     async def _fetch(self, piece: _Piece, source: Source) -> None:
         host = source.host
         exchange = _Exchange(self.pins, host)
-        head: dict[str, Any] = {"status": None, "headers": httputil.HTTPHeaders()}
+        head = ResponseHead()
         want = f"bytes {piece.next}-{piece.end - 1}/{self.plan.total}"
 
         def on_header(line: str) -> None:
-            if line.startswith("HTTP/"):
-                start = httputil.parse_response_start_line(line.strip())
-                head["status"], head["headers"] = start.code, httputil.HTTPHeaders()
-            elif line == "\r\n":
-                if head["status"] is not None and 100 <= head["status"] < 200:
-                    head["status"] = None
-                elif head["status"] is not None:
-                    problem = self._judge(head["status"], head["headers"], want, source)
-                    if problem is not None:
-                        exchange.close(problem)
-            elif head["status"] is not None:
-                head["headers"].parse_line(line)
+            if head.feed(line):
+                assert head.status is not None
+                problem = self._judge(head.status, head.headers, want, source)
+                if problem is not None:
+                    exchange.close(problem)
 
         def on_chunk(chunk: bytes) -> Any:
             if exchange.closed_why is not None or self.error is not None:
@@ -446,7 +439,7 @@ class Segments:
         if isinstance(why, (FetchError, Interrupted, RangesRefused, _Retire, _Again, _Drop)):
             raise why
         if piece.next < piece.end:
-            if error is not None and head["status"] is None:
+            if error is not None and head.status is None:
                 failure = classify(error, host, piece.next, self.config.connect_timeout)
                 if failure.code in ("connection", "refused", "timeout") and source.alive > 1:
                     raise _Retire(f"{host} refused or dropped an extra connection "
