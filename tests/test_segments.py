@@ -49,7 +49,7 @@ def test_a_big_file_comes_over_four_connections_hashed_in_order(svc, files):
     assert result["digests"]["sha256"] == hashlib.sha256(body(SIZE, 5)).hexdigest()
     assert PiecesHandler.busiest[key] == 4
     seen = PiecesHandler.requests[key]
-    # The first answer's first half second measures the link (and is
+    # The first answer's first quarter second measures the link (and is
     # hashed); pieces carry If-Range and fetch the rest, once each.
     start = min(int(r["range"][6:].split("-")[0]) for r in seen[1:])
     assert seen[0]["range"] is None and 0 < start <= seen[0]["sent"] < 4 * MiB

@@ -69,9 +69,11 @@ _FOLLOWED = {301, 302, 303, 307, 308}
 # How long an aborted fetch may take to wind down before it is given up.
 ABORT_GRACE = 2.0
 # A big download's first bytes are held, unhashed, while its rate is
-# measured: this much, or for this long, whichever comes first.
+# measured: this much, or for this long, whichever comes first. The time is
+# one connection's alone: at 16 MB/s a connection, a half second cost 0.4 s
+# of a four-connection download; a quarter tells 80 MB/s from 20 as well.
 MEASURE_BYTES = 8 * 1024 * 1024
-MEASURE_SECONDS = 0.5
+MEASURE_SECONDS = 0.25
 
 
 @dataclasses.dataclass

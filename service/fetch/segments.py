@@ -64,6 +64,8 @@ from service.fetch.mirrors import Source
 from service.model.pieces import PieceHashes
 
 PIECE_MIN, PIECE_MAX = 1024**2, 16 * 1024**2
+# Bytes hashed per IOLoop turn (about 0.6 ms of md5): see _advance.
+HASH_SLICE = 256 * 1024
 # Failed tries of pieces in a row (any connection) before the attempt fails.
 MAX_FAILURES = 6
 _REFUSING = {429, 503}
@@ -189,6 +191,7 @@ class Segments:
         self._order: deque[_Piece] = deque()   # pieces not wholly hashed, in file order
         self._requeued: list[_Piece] = []      # heap: pieces a failed try gave back
         self._buffered = 0
+        self._advancing = False  # an _advance_later is scheduled
         self._changed = asyncio.Event()
         self._exchanges: set[_Exchange] = set()
         self._failures = 0
@@ -223,8 +226,10 @@ class Segments:
         jobs = [asyncio.ensure_future(self._connection(i)) for i in range(self.plan.connections)]
         watchdog = asyncio.ensure_future(self._watch())
         try:
+            # The connections may all be done while the last bytes are
+            # still being hashed (_advance_later).
             while self.front < self.plan.total and self.error is None \
-                    and any(not job.done() for job in jobs):
+                    and (self._advancing or any(not job.done() for job in jobs)):
                 await self._changed.wait()
         finally:
             if self.error is None and self.front < self.plan.total:
@@ -386,6 +391,11 @@ class Segments:
         host = source.host
         exchange = _Exchange(self.pins, host)
         head = ResponseHead()
+        # Set once the piece's last byte is in: the connection takes its next
+        # piece then, not after the request's wind-down (several IOLoop turns,
+        # each of which may be hashing a buffered piece; at every round of
+        # pieces that idled each connection 60-80 ms, a tenth of the link).
+        whole: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         want = f"bytes {piece.next}-{piece.end - 1}/{self.plan.total}"
 
         def on_header(line: str) -> None:
@@ -403,7 +413,10 @@ class Segments:
                 exchange.close(FetchError("changed", f"{host} sent more than the range "
                                           "it was asked for", True))
                 return None
-            return self._deliver(piece, chunk, exchange, source)
+            wait = self._deliver(piece, chunk, exchange, source)
+            if piece.next == piece.end and exchange.closed_why is None and not whole.done():
+                whole.set_result(None)
+            return wait
 
         request = HTTPRequest(
             source.url, method="GET",
@@ -426,15 +439,21 @@ class Segments:
         # coroutine; the fetch itself ends when its stream is closed, and its
         # outcome is read then, so Tornado finds no cancelled future to fill.
         fetch.add_done_callback(_consume)
-        try:
-            response = await asyncio.shield(fetch)
-            error: BaseException | None = response.error
-        except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
-            error = exc
-        finally:
-            self._exchanges.discard(exchange)
+        await asyncio.wait([fetch, whole], return_when=asyncio.FIRST_COMPLETED)
         if self.error is not None:
             raise self.error
+        if not fetch.done():
+            # Every byte of the piece is in (Content-Range and length were
+            # judged at the headers). What the request still says is read
+            # when it ends: more bytes than the range end the download.
+            fetch.add_done_callback(lambda _: self._wound_down(exchange))
+            return
+        self._exchanges.discard(exchange)
+        error: BaseException | None
+        try:
+            error = fetch.result().error
+        except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
+            error = exc
         why = exchange.closed_why
         if isinstance(why, (FetchError, Interrupted, RangesRefused, _Retire, _Again, _Drop)):
             raise why
@@ -449,6 +468,11 @@ class Segments:
                 raise _Again(failure.message)
             raise _Again(f"{host} sent {piece.next - piece.start} of the piece's "
                          f"{piece.end - piece.start} bytes")
+
+    def _wound_down(self, exchange: _Exchange) -> None:
+        self._exchanges.discard(exchange)
+        if isinstance(exchange.closed_why, FetchError):
+            self.abort(exchange.closed_why)
 
     def _judge(self, status: int, headers: httputil.HTTPHeaders, want: str,
                source: Source) -> BaseException | None:
@@ -509,22 +533,34 @@ class Segments:
         return None
 
     def _advance(self) -> Awaitable[object] | None:
-        """Hash what is contiguous at the front."""
+        """Hash what is contiguous at the front, at most HASH_SLICE bytes
+        now; the rest on the next IOLoop turns. Pieces run in step, so when
+        the front piece ends the next ones are mostly buffered: hashed at
+        once, that held the IOLoop 60 ms at each round's end, and every
+        connection's next request waited behind it (the resumable hashers
+        keep the GIL, so a thread would not help)."""
         waits = []
         moved = False
+        budget = HASH_SLICE
         while self._order:
             head = self._order[0]
             if head.held:
                 break
             if head.buffer:
-                data = bytes(head.buffer)
-                head.buffer = bytearray()
+                if budget <= 0:
+                    self._advance_soon()
+                    break
+                data = bytes(head.buffer[:budget])
+                del head.buffer[:budget]
+                budget -= len(data)
                 self._buffered -= len(data)
                 wait = self.sink.feed(data)
                 if wait is not None:
                     waits.append(wait)
                 self.front += len(data)
                 moved = True
+                if head.buffer:
+                    continue
             if head.next < head.end:
                 break
             self._order.popleft()
@@ -533,6 +569,19 @@ class Segments:
         if not waits:
             return None
         return asyncio.gather(*waits)
+
+    def _advance_soon(self) -> None:
+        if not self._advancing:
+            self._advancing = True
+            asyncio.get_running_loop().call_soon(self._advance_later)
+
+    def _advance_later(self) -> None:
+        self._advancing = False
+        if self.error is not None:
+            return
+        wait = self._advance()
+        if wait is not None:
+            asyncio.ensure_future(wait).add_done_callback(lambda _: self._advance_soon())
 
     async def _room(self, exchange: _Exchange) -> None:
         exchange.paused = True
