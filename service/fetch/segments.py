@@ -439,7 +439,8 @@ class Segments:
         # coroutine; the fetch itself ends when its stream is closed, and its
         # outcome is read then, so Tornado finds no cancelled future to fill.
         fetch.add_done_callback(_consume)
-        await asyncio.wait([fetch, whole], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [fetch, whole]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if self.error is not None:
             raise self.error
         if not fetch.done():
