@@ -17,6 +17,7 @@ from pymongo import MongoClient
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from service.runtime import embedded_patches
+from service.storage.conditional import each_only_if, merged
 from service.runtime.embedded_db import EmbeddedDatabase
 
 # (name, keys, options): compound, sparse, partial, multikey (tags is an
@@ -81,8 +82,18 @@ def _doc(rng: random.Random, i: int) -> dict:
     return doc
 
 
-def _update(rng: random.Random) -> object:
+def _update(rng: random.Random, chosen: list[str] | None = None) -> object:
     kind = rng.randrange(7)
+    if chosen and rng.random() < 0.5:
+        # A batch of ends, as the service writes them (storage.conditional):
+        # one $switch on _id, a condition each, values as literals, some of
+        # which look like operators and field paths.
+        return each_only_if([
+            (doc_id, {"$ne": ["$status", "gone"]},
+             merged({"status": rng.choice(STATUSES), "lease_until": rng.randrange(1000),
+                     "note.status": "pending",
+                     "result": {"$add": [1, 2], "path": "$n", "at": rng.random()}}))
+            for doc_id in rng.sample(chosen, min(len(chosen), 8))])
     if kind == 0:
         return {"$set": {"status": rng.choice(STATUSES), "lease_until": rng.randrange(1000)}}
     if kind == 1:  # only fields no index reads: every entry stays
@@ -113,7 +124,7 @@ def _same_writes(colls, rng: random.Random, start: int, count: int) -> int:
         return count
     elif step in (1, 2):
         chosen = rng.sample(ids, min(len(ids), count))
-        update = _update(rng)
+        update = _update(rng, chosen)
         for coll in colls:
             coll.update_many({"_id": {"$in": chosen}}, update)
     elif step == 3:
@@ -200,6 +211,32 @@ def test_same_answers_as_the_unpatched_server(servers):
     for name in ("claim", "client", "tags"):
         assert _answers(patched, name) == scan, name
     assert patched.count_documents({}) == colls[1].count_documents({}) > 200
+    # The documents themselves, field by field and in order.
+    everything = [list(coll.find().sort("_id", 1)) for coll in colls]
+    assert everything[0] == everything[1]
+    assert sum("result" in doc for doc in everything[0]) > 10
+
+
+def test_a_literal_is_data_and_an_expression_is_still_checked(servers):
+    """Patch 4: what is inside a $literal is stored as it is (mongod does
+    not parse it; unpatched SecantusDB refused it); the same expression
+    outside one is refused by both servers alike."""
+    colls = [_client(db).get_default_database()["lit"] for db in servers]
+    bad_zone = {"$hour": {"date": "$d", "timezone": "Not/AZone"}}
+    for coll in colls:
+        coll.drop()
+        coll.insert_one({"_id": 1, "d": 0})
+    patched, plain = colls
+    patched.update_one({"_id": 1}, [{"$set": {"x": {"$literal": bad_zone}}}])
+    assert patched.find_one({"_id": 1})["x"] == bad_zone
+    with pytest.raises(OperationFailure):
+        plain.update_one({"_id": 1}, [{"$set": {"x": {"$literal": bad_zone}}}])
+    codes = []
+    for coll in colls:
+        with pytest.raises(OperationFailure) as refused:
+            coll.update_one({"_id": 1}, [{"$set": {"x": bad_zone}}])
+        codes.append(refused.value.code)
+    assert codes[0] == codes[1]
 
 
 def test_indexes_made_and_dropped_under_writes(servers):

@@ -1,4 +1,4 @@
-"""Two fixes to SecantusDB's write path, applied only to the embedded
+"""Fixes to SecantusDB's write path, applied only to the embedded
 database this service starts itself, and only to the version pinned in
 requirements.txt. Run as a script in place of ``secantusd-py``:
 
@@ -22,6 +22,10 @@ quarter in rewriting index entries that an update did not change.
    body again and reads afresh. Outside those bodies nothing is cached.
    The one thing a body may change itself, an index's ``multikey`` flag
    (``_maybe_mark_multikey``), is not read from this map by the write path.
+   The index table itself (``_iter_indexes``, which ``_all_indexes``,
+   ``_partial_filters`` and ``_multikey_index_names`` each decode again at
+   every statement) is read once per statement the same way, and read
+   afresh after ``_maybe_mark_multikey`` flags an index.
 2. **An update rewrites only the index entries it changes.** Upstream
    deletes every entry of the old document and writes every entry of the
    new one. Here, for an ordinary index (not unique, not
@@ -40,6 +44,22 @@ quarter in rewriting index entries that an update did not change.
    burst's batched claims and ends). When every candidate and every value
    at the path is a plain ``str`` and no collation applies, that equality
    is ``==``, and a set answers the same; anything else goes upstream.
+
+4. **A ``$literal`` is data, not an expression, to the pipeline checks.**
+   Before an update pipeline runs, ``expression_problem_in_pipeline``
+   walks it for parse-time errors, and two of its walks
+   (``_literal_timezone_problem``, ``_expression_shape_problem``) go on
+   into ``$literal`` operands: a batch of task ends, whose values are
+   literals (``storage.conditional.merged``), was walked value by value,
+   an eighth of the server's CPU in a burst. mongod does not parse a
+   literal's operand, so neither do they here; the only answers that
+   change are errors upstream raised for data inside a ``$literal``.
+5. **An update pipeline's ``$switch`` fold candidates, found once per
+   statement.** ``apply_pipeline`` scans the pipeline for ``$switch``es
+   mongod could fold; an update runs it once per document, so a batch of
+   n ends (one ``$switch`` of n branches) made n scans of n branches. The
+   scan depends on the pipeline's structure only; within a statement its
+   stages are the same objects, so the list is kept for the statement.
 
 Anything unexpected (another version, a method missing or reshaped) logs
 a warning and runs the server unpatched. ``EMBEDDED_DB_PATCHES=0`` makes
@@ -75,6 +95,10 @@ class _Local(threading.local):
         # RecordId -> the old document whose entry deletion was deferred to
         # the write of its new version.
         self.deferred: dict[Any, tuple[dict[str, Any], Any]] = {}
+        # Stage ids -> (the stages, kept so that no id is reused; their
+        # $switch fold candidates).
+        self.indexes: dict[tuple[str, str], list[Any]] = {}
+        self.folds: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
 
 
 def apply() -> bool:
@@ -93,16 +117,19 @@ def apply() -> bool:
 
     cls = storage.Storage
     needed = (*_STATEMENT_BODIES, "_index_options_map", "_write_index_entries",
-              "_delete_index_entries")
+              "_delete_index_entries", "_iter_indexes", "_maybe_mark_multikey")
     missing = [name for name in needed if not callable(getattr(cls, name, None))]
     unwrapped = [name for name in _STATEMENT_BODIES
                  if not hasattr(getattr(cls, name, None), "__wrapped__")]
     helpers = ("_retry_write_conflicts", "_index_key_variants", "_geo_type_of",
                "_parse_index_collation", "matches")
     missing += [name for name in helpers if not callable(getattr(storage, name, None))]
-    from secantus import query
+    from secantus import aggregate, query
     if not callable(getattr(query, "_op_matches", None)):
         missing.append("query._op_matches")
+    missing += [f"aggregate.{name}" for name in (*_LITERAL_WALKS, "apply_pipeline",
+                                                 "_switch_fold_candidates")
+                if not callable(getattr(aggregate, name, None))]
     if missing or unwrapped:
         log.warning("embedded database patches skipped: secantus.storage is not as expected "
                     "(missing %s, not retry-wrapped %s)", missing, unwrapped)
@@ -110,15 +137,19 @@ def apply() -> bool:
     local = _Local()
     update_loops = {getattr(cls, name).__wrapped__.__code__ for name in _UPDATE_BODIES}
     _patch_options_map(cls, local)
+    _patch_iter_indexes(cls, local)
     _patch_update_entries(cls, storage, local, update_loops)
     _patch_in_of_strings(query)
+    _patch_literals_are_data(aggregate)
+    _patch_fold_candidates(aggregate, local)
     for name in _STATEMENT_BODIES:
         body = getattr(cls, name).__wrapped__
         setattr(cls, name, storage._retry_write_conflicts(
             _statement(body, local, updating=name in _UPDATE_BODIES)))
-    log.warning("embedded database patches applied (secantusdb %s): index descriptions read "
-                "once per statement, updates rewrite only changed index entries, $in of "
-                "strings by set", version)
+    log.warning("embedded database patches applied (secantusdb %s): index table and "
+                "descriptions read once per statement, updates rewrite only changed index "
+                "entries, $in of strings by set, $literal operands not walked, $switch fold "
+                "candidates once per statement", version)
     return True
 
 
@@ -132,6 +163,8 @@ def _statement(body, local: _Local, updating: bool):
         if outer:
             local.options = {}
             local.deferred = {}
+            local.indexes = {}
+            local.folds = {}
         local.depth += 1
         local.updating += updating
         try:
@@ -142,8 +175,37 @@ def _statement(body, local: _Local, updating: bool):
             if outer:
                 local.options = {}
                 local.deferred = {}
+                local.indexes = {}
+                local.folds = {}
 
     return attempt
+
+
+def _patch_iter_indexes(cls, local: _Local) -> None:
+    upstream = cls._iter_indexes
+    mark = cls._maybe_mark_multikey
+
+    @functools.wraps(upstream)
+    def iter_indexes(self, db: str, coll: str) -> Any:
+        if not local.depth:
+            return upstream(self, db, coll)
+        rows = local.indexes.get((db, coll))
+        if rows is None:
+            rows = local.indexes[(db, coll)] = list(upstream(self, db, coll))
+        return iter(rows)
+
+    @functools.wraps(mark)
+    def maybe_mark_multikey(self, db: str, coll: str, doc: Any, indexes: Any,
+                            already_multikey: set[str]) -> set[str]:
+        before = len(already_multikey)
+        try:
+            return mark(self, db, coll, doc, indexes, already_multikey)
+        finally:
+            if len(already_multikey) != before:  # maybe flagged one: read again
+                local.indexes.pop((db, coll), None)
+
+    cls._iter_indexes = iter_indexes
+    cls._maybe_mark_multikey = maybe_mark_multikey
 
 
 def _patch_options_map(cls, local: _Local) -> None:
@@ -212,6 +274,40 @@ def _patch_in_of_strings(query) -> None:
         return upstream(values, op, arg, collation, **kwargs)
 
     query._op_matches = op_matches
+
+
+# The pipeline checks that walked into $literal operands (patch 4).
+_LITERAL_WALKS = ("_literal_timezone_problem", "_expression_shape_problem")
+
+
+def _patch_literals_are_data(aggregate) -> None:
+    for name in _LITERAL_WALKS:
+        upstream = getattr(aggregate, name)
+
+        # The walks recurse through the module's name, so every level skips.
+        def walk(spec: Any, *args: Any, _upstream: Any = upstream, **kwargs: Any) -> Any:
+            if isinstance(spec, dict) and len(spec) == 1 and "$literal" in spec:
+                return None
+            return _upstream(spec, *args, **kwargs)
+
+        setattr(aggregate, name, functools.wraps(upstream)(walk))
+
+
+def _patch_fold_candidates(aggregate, local: _Local) -> None:
+    upstream = aggregate.apply_pipeline
+    scan = aggregate._switch_fold_candidates
+
+    @functools.wraps(upstream)
+    def apply_pipeline(docs, pipeline, ctx=None, *, fold_candidates=None):
+        if fold_candidates is None and local.updating and isinstance(pipeline, list):
+            key = tuple(map(id, pipeline))
+            known = local.folds.get(key)
+            if known is None:
+                known = local.folds[key] = (list(pipeline), scan(pipeline, []))
+            fold_candidates = known[1]
+        return upstream(docs, pipeline, ctx, fold_candidates=fold_candidates)
+
+    aggregate.apply_pipeline = apply_pipeline
 
 
 def _same_entries(storage, index, old: dict, new: dict, partials: dict, options: dict) -> bool:
