@@ -32,6 +32,9 @@ quarter in rewriting index entries that an update did not change.
    ``prepareUnique``, not geo), the entries the old and the new document
    contribute are computed and compared first (partial filter and
    sparseness included); the index is left alone when they are equal.
+   Computing keys is itself costly, so a change to a field of the key
+   rewrites that index's entries outright, and a change to the partial
+   filter's fields alone compares only whether the document is in it.
    Unique and geo indexes keep upstream's path unchanged. Entries are keyed
    by (index, key, RecordId) and an update keeps the RecordId, so equal
    key sets are equal entries. An index none of whose fields (keys and
@@ -121,8 +124,7 @@ def apply() -> bool:
     missing = [name for name in needed if not callable(getattr(cls, name, None))]
     unwrapped = [name for name in _STATEMENT_BODIES
                  if not hasattr(getattr(cls, name, None), "__wrapped__")]
-    helpers = ("_retry_write_conflicts", "_index_key_variants", "_geo_type_of",
-               "_parse_index_collation", "matches")
+    helpers = ("_retry_write_conflicts", "_geo_type_of", "matches")
     missing += [name for name in helpers if not callable(getattr(storage, name, None))]
     from secantus import aggregate, query
     if not callable(getattr(query, "_op_matches", None)):
@@ -319,22 +321,21 @@ def _same_entries(storage, index, old: dict, new: dict, partials: dict, options:
     if unique or opts.get("prepareUnique") or storage._geo_type_of(key_spec) is not None:
         return False
     partial = partials.get(name)
-    fields = {key.split(".", 1)[0] for key in key_spec}
-    if partial is not None:
-        fields |= {key.split(".", 1)[0] for key in partial}
-    if not any(field.startswith("$") for field in fields) and all(
-            _identical(old.get(field, _ABSENT), new.get(field, _ABSENT)) for field in fields):
+    keys = {key.split(".", 1)[0] for key in key_spec}
+    filtered = {key.split(".", 1)[0] for key in partial} if partial is not None else set()
+    if any(field.startswith("$") for field in keys | filtered):
+        return False  # an operator at the top of a partial filter: upstream's path
+    if not all(_identical(old.get(field, _ABSENT), new.get(field, _ABSENT)) for field in keys):
+        # A field of the key changed: its entries are rewritten without
+        # computing them first (equal keys from unequal values, 1 and 1.0 or
+        # a collation's "A" and "a", only cost a needless rewrite).
+        return False
+    if partial is None or all(_identical(old.get(field, _ABSENT), new.get(field, _ABSENT))
+                              for field in filtered):
         return True  # no field it reads changed, to the type and the order
-    if partial is not None:
-        old_in, new_in = storage.matches(old, partial), storage.matches(new, partial)
-        if old_in != new_in:
-            return False
-        if not old_in:
-            return True  # in neither version
-    collation = storage._parse_index_collation(opts.get("collation"))
-    return (list(storage._index_key_variants(old, key_spec, sparse=sparse, collation=collation))
-            == list(storage._index_key_variants(new, key_spec, sparse=sparse,
-                                                collation=collation)))
+    # Only the partial filter's fields changed: same keys, so the same
+    # entries unless the document enters or leaves the index.
+    return bool(storage.matches(old, partial)) == bool(storage.matches(new, partial))
 
 
 _ABSENT = object()
