@@ -7,7 +7,7 @@ targets are issue #25's (small tasks); #17's figures are printed beside.
 
     a  2,000 x 16 KiB burst, users polling /check, first submit to last
        answer: vs the Celery stack (<= 1.0) and vs xargs -P 16 of
-       curl | md5sum (<= 1.0)
+       curl | md5sum (<= 1.0); three rounds of the three in turn, medians
     a  CPU per task over that burst (/proc, every process of each system):
        the embedded database's (<= 1.6 ms) and the whole system's (<= the
        Celery stack's)
@@ -19,7 +19,7 @@ targets are issue #25's (small tasks); #17's figures are printed beside.
        (<= 1.2); the store is filled once and kept (bench.history)
     e  1 GiB, md5 only, vs curl | md5sum, best of 3 interleaved (<= 0.80)
 
-    .venv/bin/python -m bench.compare [--only a,b,c,d,e] [--n 2000] [--profile]
+    .venv/bin/python -m bench.compare [--only a,b,c,d,e] [--n 2000] [--rounds 3] [--profile]
                                       [--set NAME=VALUE ...]
 
 --profile records py-spy flame graphs of every md5-light process (API,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,10 +113,63 @@ def profile(stack: Stack, run) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+def _round(stack: Stack, yardstick: Yardstick, nginx: Nginx, ours: Burst, theirs: Burst,
+           small: list[str], sums: dict) -> dict:
+    """One burst of each system and of curl, in turn, with their CPU."""
+    out: dict = {}
+    with CpuMeter({"Celery stack": yardstick.pids(), "nginx": [nginx.proc.pid]}) as meter:
+        out["celery"] = theirs(small)
+    out["celery_cpu"], out["celery_summary"] = meter.used["Celery stack"], meter.summary()
+    out["curl"] = curl_md5sum(small, 16, sums)
+    db = MongoClient(stack.mongo_uri()).get_default_database()
+    before = opcounters(db)
+    with CpuMeter({"md5-light": [stack.proc.pid],
+                   "of which its database": [stack.database_pid()],
+                   "nginx": [nginx.proc.pid]}) as meter:
+        out["ours"] = ours(small)
+    out["ops"] = per_task(before, opcounters(db), len(small))
+    out["ours_cpu"], out["db_cpu"] = meter.used["md5-light"], meter.used["of which its database"]
+    out["ours_summary"] = meter.summary()
+    return out
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (the CPU summaries and the
+    operations of md5-light's median burst)."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    mid = {key: median(key) for key in ("celery", "curl", "ours", "celery_cpu", "ours_cpu",
+                                        "db_cpu")}
+    by_ours = sorted(rounds, key=lambda r: r["ours"])[len(rounds) // 2]
+    by_celery = sorted(rounds, key=lambda r: r["celery"])[len(rounds) // 2]
+    mid.update(ops=by_ours["ops"], ours_summary=by_ours["ours_summary"],
+               celery_summary=by_celery["celery_summary"])
+    return mid
+
+
+def fresh(urls: list[str], sums: dict[str, str], tag: str) -> list[str]:
+    """The same files under URLs no burst has used (nginx ignores the
+    query): every burst is first submits, as a burst of new files is,
+    not a second look at files md5-light has records of (max_age)."""
+    out = []
+    for url in urls:
+        tagged = f"{url}?r={tag}"
+        sums[tagged.split("/", 3)[3]] = sums[url.split("/", 3)[3]]
+        out.append(tagged)
+    return out
+
+
+def _seconds(rounds: list[dict], key: str) -> str:
+    return " ".join(f"{r[key]:.1f}" for r in rounds) + " s"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="a,b,c,d,e")
     parser.add_argument("--n", type=int, default=2000, help="files in the burst")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bursts of each system in turn for (a); medians compared")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting of md5-light's stack, e.g. HANDOFF=0 or "
@@ -132,45 +186,51 @@ def main() -> int:
         nginx = Nginx(root)
         try:
             small = [nginx.url(f"small/s{i}") for i in range(args.n)]
-            celery = curl = None
             waited = celery_waited = 0
-            celery_cpu = celery_p99 = None
-            if "a" in only or "c" in only:
-                with Yardstick() as yardstick:
-                    burst = Burst(yardstick.base, sums)
-                    burst(small[:16])  # warm up
-                    with CpuMeter({"Celery stack": yardstick.pids(),
-                                   "nginx": [nginx.proc.pid]}) as meter:
-                        celery = burst(small)
-                    celery_waited = burst.unavailable
-                    celery_cpu = meter.used["Celery stack"]
-                    notes.append(f"(a) CPU seconds in the Celery stack's burst: {meter.summary()}")
-                    if "c" in only:
-                        celery_p99 = p99(sample_latency(yardstick.base, lambda: burst(small)))
-                curl = curl_md5sum(small, 16, sums)
+            celery_p99 = None
             # One client sends the whole burst: lift the per-client cap above it.
             with Stack(MAX_PENDING_PER_CLIENT=str(2 * args.n + 100), **settings) as stack:
                 db = MongoClient(stack.mongo_uri()).get_default_database()
                 burst = first = Burst(stack.base, sums)
                 burst(small[:16])  # warm up
-                before = opcounters(db)
-                with CpuMeter({"md5-light": [stack.proc.pid],
-                               "of which its database": [stack.database_pid()],
-                               "nginx": [nginx.proc.pid]}) as meter:
-                    empty = burst(small)
-                ops = per_task(before, opcounters(db), args.n)
-                notes.append(f"(a) CPU seconds in md5-light's burst: {meter.summary()}")
-                if celery is not None and curl is not None:
+                if "a" in only or "c" in only:
+                    with Yardstick() as yardstick:
+                        theirs = Burst(yardstick.base, sums)
+                        theirs(small[:16])  # warm up
+                        # Rounds in turn, medians compared: this machine's
+                        # speed drifts by a fifth from one minute to the next
+                        # (the load generator's own CPU for the same burst
+                        # moves as much), so one run of each is not a ratio.
+                        rounds = [_round(stack, yardstick, nginx, burst, theirs,
+                                         fresh(small, sums, f"a{i}"), sums)
+                                  for i in range(args.rounds)]
+                        celery_waited = theirs.unavailable
+                        if "c" in only:
+                            celery_p99 = p99(sample_latency(
+                                yardstick.base, lambda: theirs(fresh(small, sums, "c"))))
+                    mid = _median_round(rounds)
+                    empty = mid["ours"]
+                    ops = mid["ops"]
+                    notes.append(f"(a) {args.rounds} rounds in turn, the median of each figure; "
+                                 f"bursts: md5-light {_seconds(rounds, 'ours')}, Celery stack "
+                                 f"{_seconds(rounds, 'celery')}, curl {_seconds(rounds, 'curl')}")
+                    notes.append(f"(a) CPU seconds in the Celery stack's median burst: "
+                                 f"{mid['celery_summary']}")
+                    notes.append(f"(a) CPU seconds in md5-light's median burst: "
+                                 f"{mid['ours_summary']}")
                     report.ratio("a", f"{args.n:,} x 16 KiB burst vs Celery stack", empty,
-                                 celery, 1.0)
+                                 mid["celery"], 1.0)
                     report.ratio("a", f"{args.n:,} x 16 KiB burst vs xargs -P16 curl", empty,
-                                 curl, 1.0)
-                    report.absolute("a", "database CPU per task",
-                                    1000 * meter.used["of which its database"] / args.n,
+                                 mid["curl"], 1.0)
+                    report.absolute("a", "database CPU per task", 1000 * mid["db_cpu"] / args.n,
                                     DB_CPU_PER_TASK_MS, "ms")
                     report.ratio("a", "system CPU per task vs Celery stack",
-                                 1000 * meter.used["md5-light"] / args.n,
-                                 1000 * celery_cpu / args.n, 1.0, unit="ms")
+                                 1000 * mid["ours_cpu"] / args.n,
+                                 1000 * mid["celery_cpu"] / args.n, 1.0, unit="ms")
+                else:
+                    before = opcounters(db)
+                    empty = burst(small)
+                    ops = per_task(before, opcounters(db), args.n)
                 if "b" in only:
                     report.ratio("b", "database operations per task", ops["total"],
                                  TODAY_TOTAL, 0.25, unit="", digits=2)
@@ -180,7 +240,7 @@ def main() -> int:
                         f"{op} {TODAY[op]:.2f}" for op in OPS) + f", total {TODAY_TOTAL:.2f}")
                 if "c" in only and celery_p99 is not None:
                     idle = sample_latency(stack.base, lambda: time.sleep(3))
-                    busy = sample_latency(stack.base, lambda: burst(small))
+                    busy = sample_latency(stack.base, lambda: burst(fresh(small, sums, "c")))
                     report.ratio("c", "p99 GET /check in burst vs Celery's in its",
                                  p99(busy) * 1000, celery_p99 * 1000, 1.0, unit="ms")
                     notes.append(f"(c) md5-light's p99 /check when idle: "
@@ -201,7 +261,7 @@ def main() -> int:
                     notes.append("(d) " + store(stack, STORED))
                     burst = Burst(stack.base, sums)
                     burst(small[:16])
-                    full = burst(small)
+                    full = burst(fresh(small, sums, "d"))
                     report.ratio("d", f"burst with {STORED:,} tasks stored vs empty", full,
                                  empty, 1.2)
                     waited += burst.unavailable

@@ -11,6 +11,7 @@ import importlib.metadata
 import logging
 import random
 import threading
+import time
 
 import pytest
 from pymongo import MongoClient
@@ -211,6 +212,8 @@ def test_same_answers_as_the_unpatched_server(servers):
     for name in ("claim", "client", "tags"):
         assert _answers(patched, name) == scan, name
     assert patched.count_documents({}) == colls[1].count_documents({}) > 200
+    assert patched.estimated_document_count() == colls[1].estimated_document_count() \
+        == patched.count_documents({})
     # The documents themselves, field by field and in order.
     everything = [list(coll.find().sort("_id", 1)) for coll in colls]
     assert everything[0] == everything[1]
@@ -285,3 +288,43 @@ def test_indexes_made_and_dropped_under_writes(servers):
     assert _answers(coll, "mine")[5] == scan[5]
     assert ([d["_id"] for d in coll.find({"status": "queued"}, {"_id": 1}).sort("_id", 1)
              .hint("open")] == scan[1])
+
+
+def test_a_collection_count_lets_other_statements_run(servers):
+    """Patch 6: counting a big collection (estimated_document_count, as
+    the queue counters' recount does) walks it in chunks; between them
+    other clients' statements run, where upstream held its lock for the
+    whole walk (9 s at a million tasks). Judged against the count's own
+    length, not a clock."""
+    patched = _client(servers[0]).get_default_database()
+    big, other = patched["many"], patched["other"]
+    big.drop()
+    other.drop()
+    for start in range(0, 120_000, 10_000):
+        big.insert_many([{"_id": i} for i in range(start, start + 10_000)], ordered=False)
+    other.insert_one({"_id": "probe"})
+    assert patched.command("count", "missing_collection")["n"] == 0
+    done_at: list[float] = []
+    counting = threading.Event()
+    finished = threading.Event()
+
+    def probe() -> None:
+        client = _client(servers[0]).get_default_database()["other"]
+        counting.wait(10)
+        while not finished.is_set():
+            client.find_one({"_id": "probe"})
+            done_at.append(time.monotonic())
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    started = time.monotonic()
+    counting.set()
+    n = big.estimated_document_count()
+    ended = time.monotonic()
+    finished.set()
+    thread.join(10)
+    assert n == 120_000
+    during = [started] + [t for t in done_at if started <= t <= ended] + [ended]
+    longest = max(b - a for a, b in zip(during, during[1:]))
+    assert len(during) > 5 and longest < (ended - started) / 2, (len(during), longest,
+                                                                ended - started)
