@@ -580,9 +580,20 @@ class Segments:
         self._advancing = False
         if self.error is not None:
             return
-        wait = self._advance()
+        try:
+            wait = self._advance()
+        except BaseException as exc:  # noqa: BLE001 - the run reports it, not the loop
+            self.abort(exc)
+            return
         if wait is not None:
-            asyncio.ensure_future(wait).add_done_callback(lambda _: self._advance_soon())
+            asyncio.ensure_future(wait).add_done_callback(self._fed)
+
+    def _fed(self, wait: asyncio.Future) -> None:
+        failed = None if wait.cancelled() else wait.exception()
+        if failed is not None:
+            self.abort(failed)
+        else:
+            self._advance_soon()
 
     async def _room(self, exchange: _Exchange) -> None:
         exchange.paused = True
