@@ -182,12 +182,13 @@ async def probe(url: str, origin: str, primary: str, total: int, proof: str | No
     host = host_of(url)
     head = ResponseHead()
     owner = _Probe(pins)
-    ended: list[bool] = []  # the final head arrived
+    ended = False  # the final head arrived
 
     def on_header(line: str) -> None:
+        nonlocal ended
         if head.feed(line) and owner.stream is not None:
             # All a probe needs is in the headers; the body is not read.
-            ended.append(True)
+            ended = True
             owner.stream.close()
 
     request = HTTPRequest(
@@ -214,10 +215,11 @@ async def probe(url: str, origin: str, primary: str, total: int, proof: str | No
         raise
     except Exception as exc:  # noqa: BLE001 - resolve and connect errors come raised
         error = exc
-    if not ended or head.status is None:
+    if not ended:
         failure = classify(error, host, 0, config.connect_timeout)
         source.dropped = f"the probe failed: {failure.message}"
         return source
+    assert head.status is not None  # the final head names its status
     source.dropped = judge(source, head.status, head.headers, primary, total, proof)
     return source
 

@@ -29,17 +29,15 @@ quarter in rewriting index entries that an update did not change.
 2. **An update rewrites only the index entries it changes.** Upstream
    deletes every entry of the old document and writes every entry of the
    new one. Here, for an ordinary index (not unique, not
-   ``prepareUnique``, not geo), the entries the old and the new document
-   contribute are computed and compared first (partial filter and
-   sparseness included); the index is left alone when they are equal.
-   Computing keys is itself costly, so a change to a field of the key
-   rewrites that index's entries outright, and a change to the partial
-   filter's fields alone compares only whether the document is in it.
-   Unique and geo indexes keep upstream's path unchanged. Entries are keyed
-   by (index, key, RecordId) and an update keeps the RecordId, so equal
-   key sets are equal entries. An index none of whose fields (keys and
-   partial filter) changed at all, to the types and the order of
-   sub-documents, is left alone without computing its keys.
+   ``prepareUnique``, not geo), nothing is computed to decide: an index
+   none of whose fields (keys and partial filter) changed at all, to the
+   types and the order of sub-documents, is left alone; one a field of
+   whose key changed is rewritten (equal keys from unequal values, 1 and
+   1.0, only cost a needless rewrite); one whose partial filter's fields
+   alone changed is rewritten if the document enters or leaves it. Entries
+   are keyed by (index, key, RecordId) and an update keeps the RecordId,
+   so unchanged key fields are unchanged entries. Unique and geo indexes
+   keep upstream's path unchanged.
 3. **``$in`` over strings by set membership.** Upstream's ``_op_matches``
    tests a document's value against each ``$in`` candidate in turn with
    its numeric-aware equality: an ``update_many({_id: {$in: ids}})`` of
@@ -104,14 +102,19 @@ _UPDATE_BODIES = ("_update_chunk", "_update_matching_single_txn")
 class _Local(threading.local):
     def __init__(self) -> None:
         self.depth = 0
-        self.options: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self.updating = 0
+        self.forget()
+
+    def forget(self) -> None:
+        """What one statement attempt keeps, dropped at its start and end."""
+        # (db, coll) -> index descriptions; -> the index table's rows.
+        self.options: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.indexes: dict[tuple[str, str], list[Any]] = {}
         # RecordId -> the old document whose entry deletion was deferred to
         # the write of its new version.
         self.deferred: dict[Any, tuple[dict[str, Any], Any]] = {}
         # Stage ids -> (the stages, kept so that no id is reused; their
         # $switch fold candidates).
-        self.indexes: dict[tuple[str, str], list[Any]] = {}
         self.folds: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
 
 
@@ -178,10 +181,7 @@ def _statement(body, local: _Local, updating: bool):
     def attempt(self, *args: Any, **kwargs: Any) -> Any:
         outer = local.depth == 0
         if outer:
-            local.options = {}
-            local.deferred = {}
-            local.indexes = {}
-            local.folds = {}
+            local.forget()
         local.depth += 1
         local.updating += updating
         try:
@@ -190,10 +190,7 @@ def _statement(body, local: _Local, updating: bool):
             local.depth -= 1
             local.updating -= updating
             if outer:
-                local.options = {}
-                local.deferred = {}
-                local.indexes = {}
-                local.folds = {}
+                local.forget()
 
     return attempt
 
@@ -382,7 +379,7 @@ def _same_entries(storage, index, old: dict, new: dict, partials: dict, options:
     """Whether ``old`` and ``new`` put the same entries in an ordinary
     index; False (rewrite it, as upstream does) for unique, prepareUnique
     and geo indexes."""
-    name, key_spec, sparse, unique = index
+    name, key_spec, _sparse, unique = index
     opts = options.get(name, {})
     if unique or opts.get("prepareUnique") or storage._geo_type_of(key_spec) is not None:
         return False
