@@ -89,12 +89,18 @@ def _update(rng: random.Random, chosen: list[str] | None = None) -> object:
         # A batch of ends, as the service writes them (storage.conditional):
         # one $switch on _id, a condition each, values as literals, some of
         # which look like operators and field paths.
-        return each_only_if([
-            (doc_id, {"$ne": ["$status", "gone"]},
+        # An id may come twice, with tests that may fail: the first branch
+        # whose test holds wins (patch 8 must keep that order).
+        cases = [
+            (doc_id, rng.choice([{"$ne": ["$status", "gone"]},
+                                 {"$eq": ["$status", rng.choice(STATUSES)]}]),
              merged({"status": rng.choice(STATUSES), "lease_until": rng.randrange(1000),
                      "note.status": "pending",
                      "result": {"$add": [1, 2], "path": "$n", "at": rng.random()}}))
-            for doc_id in rng.sample(chosen, min(len(chosen), 8))])
+            for doc_id in rng.sample(chosen, min(len(chosen), 8))
+            for _ in range(rng.choice([1, 1, 2]))]
+        rng.shuffle(cases)
+        return each_only_if(cases)
     if kind == 0:
         return {"$set": {"status": rng.choice(STATUSES), "lease_until": rng.randrange(1000)}}
     if kind == 1:  # only fields no index reads: every entry stays
@@ -218,6 +224,54 @@ def test_same_answers_as_the_unpatched_server(servers):
     everything = [list(coll.find().sort("_id", 1)) for coll in colls]
     assert everything[0] == everything[1]
     assert sum("result" in doc for doc in everything[0]) > 10
+
+
+SWITCHES = [
+    # no branch for a document and no default: upstream's error, on both
+    [{"$replaceWith": {"$switch": {"branches": [
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s1"}]}]}, "then": "$$ROOT"}]}}}],
+    # in field-value position: a missing path leaves the field out
+    [{"$set": {"x": {"$switch": {"branches": [
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s1"}]}, True]}, "then": "$nosuch"},
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s2"}]}, False]}, "then": 1}],
+        "default": "$n"}}}}],
+    # an id twice (the first's test holds for s2, not for s1); a
+    # non-string id (upstream's path); other shapes
+    [{"$set": {"x": {"$switch": {"branches": [
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s1"}]}, {"$gt": ["$n", 1]}]},
+         "then": "first"},
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s2"}]}, {"$gt": ["$n", 1]}]},
+         "then": "first"},
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s1"}]}]}, "then": "second"},
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s2"}]}]}, "then": "second"}],
+        "default": "none"}}}}],
+    [{"$set": {"x": {"$switch": {"branches": [
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s2"}]}]}, "then": "string"},
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": 3}]}]}, "then": "number"}],
+        "default": "none"}}}}],
+    [{"$set": {"x": {"$switch": {"branches": [
+        {"case": {"$eq": ["$_id", "s3"]}, "then": "plain"}], "default": "none"}}}}],
+    [{"$set": {"x": {"$switch": {"branches": [
+        {"case": {"$and": [{"$eq": ["$_id", {"$literal": "s1"}]}, {"$divide": [1, 0]}]},
+         "then": "boom"}], "default": "none"}}}}],
+]
+
+
+@pytest.mark.parametrize("pipeline", SWITCHES)
+def test_a_switch_on_ids_answers_as_upstream(servers, pipeline):
+    """Patch 8: the same documents, or the same error, on both servers."""
+    answers = []
+    for server in servers:
+        coll = _client(server).eq[f"switch{SWITCHES.index(pipeline)}"]
+        coll.drop()
+        coll.insert_many([{"_id": "s1", "n": 1}, {"_id": "s2", "n": 2}, {"_id": 3, "n": 9},
+                          {"_id": "s3", "n": 4}])
+        try:
+            coll.update_many({}, pipeline)
+            answers.append(("ok", list(coll.find().sort("n", 1))))
+        except OperationFailure as exc:
+            answers.append(("error", exc.code, str(exc.details.get("errmsg"))))
+    assert answers[0] == answers[1]
 
 
 def test_a_literal_is_data_and_an_expression_is_still_checked(servers):

@@ -262,7 +262,7 @@ class Task:
             "expected": self.expected.to_doc() if self.expected else None,
             "verified": self.verified,
             "server_digest": self.server_digest.to_doc() if self.server_digest else None,
-            "manifest": self.manifest, "line": self.line, "follows": self.follows,
+            "follows": self.follows,
             "max_age": self.max_age, "cached_from": self.cached_from,
             "revalidated": self.revalidated,
             "revalidate": self.revalidate.to_doc() if self.revalidate else None,
@@ -276,6 +276,10 @@ class Task:
             "checkpoint": self.checkpoint, "attempt": self.attempt,
             "bytes_fetched": self.bytes_fetched,
             "callback": self.callback.to_doc() if self.callback else None,
+            # Absent, not null, outside a manifest: the manifests' sparse
+            # indexes then hold manifest lines alone, where a null entered
+            # every task (and ended it with a rewrite).
+            **({"manifest": self.manifest, "line": self.line} if self.manifest else {}),
             **({"owner": self.owner} if self.owner else {}),
             **({"connections": self.connections} if self.connections else {}),
             **({"mirrors": self.mirrors} if self.mirrors else {}),

@@ -71,6 +71,23 @@ quarter in rewriting index entries that an update did not change.
    of ``COUNT_CHUNK`` rows, taking the lock for each chunk; between chunks
    other statements run. Like mongod's own fast count it is not a
    snapshot: writes that land during the walk may or may not be counted.
+7. **WiredTiger's packing without re-parsing its format.** Every key and
+   value SecantusDB hands WiredTiger goes through the SWIG binding's
+   pure-Python ``packing.pack``/``unpack``, which parse the format string
+   a character at a time at every call: an eighth of the server's CPU in
+   a burst. ``embedded_packing`` parses each format once and packs by the
+   same rules; formats or values it does not model go upstream.
+8. **A ``$switch`` on ``_id`` goes straight to its document's branches.**
+   A batch of n ends (``storage.conditional.each_only_if``) is one
+   ``$switch`` whose every case is ``{$and: [{$eq: ["$_id", {$literal:
+   id}]}, test]}``; upstream's ``_op_switch`` tries the branches in turn,
+   so each of the n documents evaluated about n/2 cases. Inside an update
+   statement, a ``$switch`` of exactly that shape (string ids) is indexed
+   once by id, and a document with a string ``_id`` is evaluated against
+   its own branches only, in their order, then the default. A skipped
+   branch's ``$and`` would have stopped at its false ``$eq``, which cannot
+   raise, so no answer and no error changes; any other shape, or no
+   matching branch and no default, goes upstream.
 
 Anything unexpected (another version, a method missing or reshaped) logs
 a warning and runs the server unpatched. ``EMBEDDED_DB_PATCHES=0`` makes
@@ -86,6 +103,7 @@ import logging
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 PINNED = "0.7.0b3"
@@ -116,6 +134,8 @@ class _Local(threading.local):
         # Stage ids -> (the stages, kept so that no id is reused; their
         # $switch fold candidates).
         self.folds: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
+        # $switch argument ids -> (the argument, kept; its branches by _id).
+        self.switches: dict[int, tuple[Any, dict[str, list[int]] | None]] = {}
 
 
 def apply() -> bool:
@@ -143,7 +163,17 @@ def apply() -> bool:
     helpers = ("_retry_write_conflicts", "_geo_type_of", "matches", "_doc_table_for")
     missing += [name for name in helpers if not callable(getattr(storage, name, None))]
     missing += [name for name in ("_INT64_MIN", "wt") if not hasattr(storage, name)]
-    from secantus import aggregate, query
+    binding = sys.modules.get(getattr(getattr(getattr(storage, "wt", None), "Cursor", None),
+                                      "__module__", ""))
+    missing += [f"wiredtiger binding's {name}" for name in ("pack", "unpack")
+                if not callable(getattr(binding, name, None))]
+    from secantus import aggregate, expressions, query
+    missing += [f"expressions.{name}" for name in ("_op_switch", "_OPS", "_MISSING_PROPAGATING",
+                                                   "_eval")
+                if not hasattr(expressions, name)]
+    if getattr(expressions, "_OPS", {}).get("$switch") is not getattr(expressions, "_op_switch",
+                                                                       None):
+        missing.append("expressions._OPS['$switch']")
     if not callable(getattr(query, "_op_matches", None)):
         missing.append("query._op_matches")
     missing += [f"aggregate.{name}" for name in (*_LITERAL_WALKS, "apply_pipeline",
@@ -162,6 +192,8 @@ def apply() -> bool:
     _patch_in_of_strings(query)
     _patch_literals_are_data(aggregate)
     _patch_fold_candidates(aggregate, local)
+    _patch_packing(storage)
+    _patch_switch_by_id(expressions, local)
     for name in _STATEMENT_BODIES:
         body = getattr(cls, name).__wrapped__
         setattr(cls, name, storage._retry_write_conflicts(
@@ -169,7 +201,8 @@ def apply() -> bool:
     log.warning("embedded database patches applied (secantusdb %s): index table and "
                 "descriptions read once per statement, updates rewrite only changed index "
                 "entries, $in of strings by set, $literal operands not walked, $switch fold "
-                "candidates once per statement, collection counts in chunks", version)
+                "candidates once per statement, collection counts in chunks, WiredTiger formats "
+                "parsed once, $switch on _id by id", version)
     return True
 
 
@@ -193,6 +226,16 @@ def _statement(body, local: _Local, updating: bool):
                 local.forget()
 
     return attempt
+
+
+def _patch_packing(storage) -> None:
+    from wiredtiger import intpacking
+
+    from service.runtime import embedded_packing
+
+    binding: Any = sys.modules[storage.wt.Cursor.__module__]
+    binding.pack, binding.unpack = embedded_packing.make(
+        binding.pack, binding.unpack, intpacking.pack_int, intpacking.unpack_int)
 
 
 def _patch_iter_indexes(cls, local: _Local) -> None:
@@ -375,6 +418,65 @@ def _patch_fold_candidates(aggregate, local: _Local) -> None:
     aggregate.apply_pipeline = apply_pipeline
 
 
+def _patch_switch_by_id(expressions, local: _Local) -> None:
+    upstream = expressions._op_switch
+    evaluate = expressions._eval
+
+    @functools.wraps(upstream)
+    def op_switch(arg: Any, ctx: Any, ret: Any = None) -> Any:
+        if not local.updating or not isinstance(getattr(ctx, "doc", None), dict):
+            return upstream(arg, ctx, ret)
+        known = local.switches.get(id(arg))
+        if known is None or known[0] is not arg:
+            known = local.switches[id(arg)] = (arg, _branches_by_id(arg))
+        by_id = known[1]
+        doc_id = ctx.doc.get("_id")
+        if by_id is None or type(doc_id) is not str:
+            return upstream(arg, ctx, ret)
+        mine = by_id.get(doc_id)
+        if mine:
+            branches = arg["branches"]
+            narrowed = {"branches": [branches[i] for i in mine]}
+            if "default" in arg:
+                narrowed["default"] = arg["default"]
+            return upstream(narrowed, ctx, ret)
+        if "default" in arg:
+            return (ret or evaluate)(arg["default"], ctx)
+        return upstream(arg, ctx, ret)  # upstream's own error
+
+    expressions._OPS["$switch"] = op_switch
+    expressions._MISSING_PROPAGATING["$switch"] = op_switch
+
+
+def _branches_by_id(arg: Any) -> dict[str, list[int]] | None:
+    """The branches of a ``$switch`` whose every case starts with
+    ``$_id`` equal to a literal string, by that string; None for any
+    other ``$switch``."""
+    if type(arg) is not dict or not set(arg) <= {"branches", "default"}:
+        return None
+    branches = arg.get("branches")
+    if type(branches) is not list or not branches:
+        return None
+    by_id: dict[str, list[int]] = {}
+    for i, branch in enumerate(branches):
+        if type(branch) is not dict or set(branch) != {"case", "then"}:
+            return None
+        case = branch["case"]
+        terms = case.get("$and") if type(case) is dict and len(case) == 1 else None
+        if type(terms) is not list or not terms:
+            return None
+        first = terms[0]
+        pair = first.get("$eq") if type(first) is dict and len(first) == 1 else None
+        if type(pair) is not list or len(pair) != 2 or pair[0] != "$_id":
+            return None
+        literal = pair[1]
+        doc_id = literal.get("$literal") if type(literal) is dict and len(literal) == 1 else None
+        if type(doc_id) is not str:
+            return None
+        by_id.setdefault(doc_id, []).append(i)
+    return by_id
+
+
 def _same_entries(storage, index, old: dict, new: dict, partials: dict, options: dict) -> bool:
     """Whether ``old`` and ``new`` put the same entries in an ordinary
     index; False (rewrite it, as upstream does) for unique, prepareUnique
@@ -420,6 +522,8 @@ def _identical(a: Any, b: Any) -> bool:
 
 
 def main() -> int:
+    # Run as a script: the project root, for embedded_packing.
+    sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     apply()
     from secantus.cli import main as secantus_main
