@@ -251,3 +251,26 @@ def test_submits_racing_the_leaders_end_all_finish(make_service, files):
     assert leaders <= downloads <= leaders + retries and leaders <= 400
     assert db_of(svc).tasks.count_documents({"_id": {"$in": ids}, "lease_until": None,
                                              "status": "queued"}) == 0
+
+
+def test_a_submit_made_once_the_file_is_seen_done_downloads_again(make_service, files):
+    """A leader's entry goes before its end is written: a submit made after
+    /check answered done never joins that download (whose bytes were
+    fetched before the submit), even while other ends make the worker's
+    entry deletes linger in a batch."""
+    from fileserver import CountingHandler
+    svc = make_service()
+    for _ in range(6):
+        key = uuid.uuid4().hex
+        url = files.url(f"/count/{key}/5000?seed=3")
+        others = [submit(svc, files.url(f"/count/{uuid.uuid4().hex}/5000")) for _ in range(6)]
+        first = submit(svc, url)
+        deadline = time.monotonic() + 60
+        while svc.check(first).status_code != 200:
+            assert time.monotonic() < deadline, "the first task never ended"
+            time.sleep(0.002)
+        second = submit(svc, url)
+        results = svc.wait_all([second, *others], timeout=60)
+        assert results[second].json()["md5"] == md5_of(5000, seed=3)
+        assert svc.task(second)["follows"] is None
+        assert CountingHandler.hits[key] == 2

@@ -100,38 +100,59 @@ class Submissions:
             return verdict.lane
 
         coalescer, fresh_id = self.store.coalescer, task.id
-        leader = await coalescer.elect(task) if self.coalesce else None
-        if leader is not None:
-            task.follow(leader)
-        elif known is not None and known.conditional_headers():
-            task.revalidate = known  # a 304 then answers from it
-        # A worker with room now: the task is stored already claimed by it.
-        assigned = self.dispatch.reserve(task) if leader is None else None
+        # Elected while the task is stored, as a leader, unless this process
+        # is electing for the same file already.
+        early = coalescer.elect_early(task) if self.coalesce else None
         try:
-            task_id = await self.store.records.create(task, key, admit)
-        except BaseException:
-            if assigned is not None:
-                assigned.cancel()
-            if verdict is not None:
-                self.admission.release(client)  # admitted, but never stored
-            if self.coalesce and leader is None:
-                await coalescer.abandon(task, fresh_id)
-            raise
-        if task_id != fresh_id:  # an idempotent retry: nothing new was stored
-            if assigned is not None:
-                assigned.cancel()
-            if self.coalesce and leader is None:
-                await coalescer.abandon(task, fresh_id)
-        elif assigned is not None:
-            assigned.deliver()
-        elif leader is None:
-            self.dispatch.queued(task)
-        elif not await coalescer.join(task, leader):
-            self.dispatch.wake()  # runnable on its own after all
+            leader = (await coalescer.elect(task) if self.coalesce and early is None
+                      else None)
+            if leader is not None:
+                task.follow(leader)
+            elif known is not None and known.conditional_headers():
+                task.revalidate = known  # a 304 then answers from it
+            # A worker with room now: the task is stored already claimed by it.
+            assigned = self.dispatch.reserve(task) if leader is None else None
+            try:
+                task_id = await self.store.records.create(task, key, admit)
+            except BaseException:
+                if assigned is not None:
+                    assigned.cancel()
+                if verdict is not None:
+                    self.admission.release(client)  # admitted, but never stored
+                if self.coalesce and leader is None and (
+                        early is None or await coalescer.outcome(early) is None):
+                    await coalescer.abandon(task, fresh_id)
+                raise
+            if early is not None:
+                leader = await coalescer.outcome(early)
+                if leader is not None and task_id == fresh_id:
+                    # Another process's submit leads: follow it, before any
+                    # worker hears of this task.
+                    if assigned is not None:
+                        assigned.cancel()
+                        assigned = None
+                    if not await coalescer.demote(task, leader):
+                        return Accepted(task_id, self._standing(client, verdict))
+            if task_id != fresh_id:  # an idempotent retry: nothing new was stored
+                if assigned is not None:
+                    assigned.cancel()
+                if self.coalesce and leader is None:
+                    await coalescer.abandon(task, fresh_id)
+            elif assigned is not None:
+                assigned.deliver()
+            elif leader is None:
+                self.dispatch.queued(task)
+            elif not await coalescer.join(task, leader):
+                self.dispatch.wake()  # runnable on its own after all
+        finally:
+            if early is not None:
+                coalescer.early_done(task, early)
+        return Accepted(task_id, self._standing(client, verdict))
+
+    def _standing(self, client: str, verdict: Verdict | None) -> Verdict:
         # A new task now holds a place; an idempotent retry takes none.
-        standing = (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
-                    if verdict is not None else self.admission.peek(client))
-        return Accepted(task_id, standing)
+        return (Verdict(verdict.limit, verdict.pending + 1, verdict.lane)
+                if verdict is not None else self.admission.peek(client))
 
 
 def _is_http(url: str) -> bool:

@@ -60,6 +60,7 @@ class Outcomes:
         # with max_age must find this download (its end is written in a
         # batch, after the record's own batch).
         await self._remember(task, download, fetched)
+        followers = await self._release(task)
         if await self._persist(partial(
                 self.store.queue.finish, task, self.name, digests=fetched.digests,
                 error=error, verified=None if task.expected is None else not wrong,
@@ -74,7 +75,9 @@ class Outcomes:
             metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
             log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
                      fetched.digests["md5"], download.bytes_done)
-            await self._after_finish(task, "mismatch" if wrong else "ok", download)
+            await self._after_finish(task, "mismatch" if wrong else "ok", download, followers)
+        else:
+            await self._settle(task, followers)  # no longer ours: cancelled, say
 
     async def _remember(self, task: Task, download: Transfer, fetched: Fetched) -> None:
         """Record the file's digests for later submits with max_age."""
@@ -101,6 +104,7 @@ class Outcomes:
                 log.info("task %s attempt %d failed (%s); retrying in %.1f s", task.id,
                          task.attempts, exc.message, delay)
             return
+        followers = await self._release(task)
         if await self._persist(partial(self.store.queue.finish, task, self.name,
                                        error=exc.as_task_error(), server_digest=exc.server,
                                        bytes_done=download.bytes_done,
@@ -109,15 +113,31 @@ class Outcomes:
             self._announce(task, Status.FAILED, exc.as_task_error())
             metrics.TASKS_FINISHED.labels("failed").inc()
             log.info("task %s failed: %s", task.id, exc.message)
-            await self._after_finish(task, "failed", download)
+            await self._after_finish(task, "failed", download, followers)
+        else:
+            await self._settle(task, followers)
 
-    async def _after_finish(self, task: Task, ended_as: str, download: Transfer) -> None:
+    async def _release(self, task: Task) -> list[str]:
+        """Before the end is written: no submit may join a download that
+        has ended (storage.coalescing); the followers to end after it."""
+        if task.manifest is not None:
+            return []
+        try:
+            return await self.store.coalescer.release(task)
+        except PyMongoError:
+            return []  # the entry stays; the sweep removes it and ends them
+
+    async def _settle(self, task: Task, followers: list[str]) -> int:
+        try:
+            return await self.store.coalescer.settle_followers(task, followers)
+        except PyMongoError:
+            return 0  # the periodic sweep will end them
+
+    async def _after_finish(self, task: Task, ended_as: str, download: Transfer,
+                            released: list[str]) -> None:
         manifest, followers = None, 0
         if task.manifest is None:
-            try:
-                followers = await self.store.coalescer.settle(task)
-            except PyMongoError:
-                pass  # the periodic sweep will end them
+            followers = await self._settle(task, released)
         if task.manifest:
             try:
                 manifest = await self.store.manifests.line_ended(

@@ -6,20 +6,29 @@ key is the normalized URL and the digests asked for (model.same_file).
 
 - A submit first tries to insert the entry naming itself: the database's
   unique ``_id`` elects one leader among any number of concurrent submits.
-  The leader is an ordinary task.
+  The leader is an ordinary task. Unless another submit of the same API
+  process is electing for the file, the election runs while the task is
+  stored (``elect_early``), as a leader: one database round trip on the
+  submit's path, not two. A task stored so whose election was lost (to a
+  submit of another process) is made a follower before any worker is
+  told of it (``demote``); should a worker have found it first, it runs
+  on its own.
 - A submit that finds an entry stores its task as a *follower*: queued,
   ``follows: <leader id>`` and no ``lease_until``, so no claim ever takes it
   (claims scan ``lease_until`` windows). Then it adds its id to the entry,
   on condition that the entry still names that leader; if the leader has
   ended meanwhile, the task is made runnable on its own instead.
-- When the leader ends, its worker removes the entry. Nobody followed
-  most leaders: their entries go in one delete on condition of an empty
-  list, shared by the leaders that end together. Otherwise a read, then a
-  delete on condition that the list it read is still the list, so a
-  follower is either in that list or was refused by the join's
-  condition; then the worker ends every follower with the leader's result in one bulk
-  write: same digests, same error, each task verified against its own
-  expected checksum and mailed to its own address.
+- When the leader's download ends, its worker removes the entry before
+  it writes the end (``release``), so that a submit made once the task is
+  seen done starts a download of its own instead of joining one that has
+  ended. Nobody followed most leaders: their entries go in one delete on
+  condition of an empty list, shared by the leaders that end together.
+  Otherwise a read, then a delete on condition that the list it read is
+  still the list, so a follower is either in that list or was refused by
+  the join's condition. Once the end is written, the worker ends every
+  follower with the leader's result in one bulk write
+  (``settle_followers``): same digests, same error, each task verified
+  against its own expected checksum and mailed to its own address.
 - A cancelled leader hands its place to its oldest follower still waiting,
   which becomes runnable; the others follow it.
 - A crash between those steps leaves a follower whose leader has ended, or
@@ -31,6 +40,7 @@ Manifest lines neither lead nor follow: a manifest counts its own lines.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -41,6 +51,7 @@ from service.model.digests import mismatch
 from service.model.same_file import file_key
 from service.model.task import Status, Task
 from service.storage.batching import END_LINGER, Batcher, InsertBatcher
+from service.storage.conditional import only_if
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, utcnow
 
@@ -59,6 +70,8 @@ class Coalescer:
         self._elections = InsertBatcher(cols.inflight)
         self._lone_ends: Batcher[tuple[str, str], bool] = Batcher(
             self._delete_unfollowed, END_LINGER)
+        # File keys whose election a submit of this process runs early.
+        self._early: dict[str, asyncio.Future[str | None]] = {}
 
     # -- at submit ------------------------------------------------------------
 
@@ -77,6 +90,56 @@ class Coalescer:
                     return str(doc["leader"])
                 # Released between our insert and our read: try again.
         return None  # a file finishing over and over: run this one alone
+
+    def elect_early(self, task: Task) -> asyncio.Future[str | None] | None:
+        """Start ``elect`` for a submit that stores ``task`` meanwhile, as a
+        leader; None when a submit of this process is doing so for the same
+        file (that one likely leads: elect first and store a follower).
+        End with ``early_done``."""
+        key = file_key(task.url, task.algorithms)
+        if key in self._early:
+            return None
+        election = self._early[key] = asyncio.ensure_future(self.elect(task))
+        return election
+
+    def early_done(self, task: Task, election: asyncio.Future[str | None]) -> None:
+        key = file_key(task.url, task.algorithms)
+        if self._early.get(key) is election:
+            del self._early[key]
+
+    @staticmethod
+    async def outcome(election: asyncio.Future[str | None]) -> str | None:
+        """The leader an early election found; None when this task leads,
+        or when the election failed (then it runs on its own: a leader
+        whose entry may be missing settles nobody, which is nobody lost)."""
+        try:
+            return await election
+        except PyMongoError:
+            return None
+
+    async def demote(self, task: Task, leader: str) -> bool:
+        """``task``, stored to lead (queued, or assigned to a worker not yet
+        told), follows ``leader`` instead; False when that is no longer
+        its state (a worker's scan took it, or it was cancelled)."""
+        if task.status == Status.RUNNING:
+            test = {"$and": [{"$eq": ["$status", str(Status.RUNNING)]},
+                             {"$eq": ["$claim", {"$literal": task.claim}]}]}
+        else:
+            test = {"$and": [{"$eq": ["$status", str(Status.QUEUED)]},
+                             {"$eq": [{"$ifNull": ["$claim", None]}, None]},
+                             {"$eq": [{"$ifNull": ["$follows", None]}, None]}]}
+        changes = {"status": str(Status.QUEUED), "worker": None, "claim": None, "attempts": 0,
+                   "started_at": None, "claimed_at": None, "follows": leader,
+                   "lease_until": None}
+        result = await self.tasks.update_one(
+            {"_id": task.id}, only_if(test, {k: {"$literal": v} for k, v in changes.items()}))
+        if not result.modified_count:
+            return False
+        if task.status == Status.RUNNING:
+            self.counters.count(queued=1)
+        task.unassign()
+        task.follow(leader)
+        return True
 
     async def abandon(self, task: Task, leader_id: str) -> None:
         """The elected leader was never stored (refused by a quota, or an
@@ -106,23 +169,31 @@ class Coalescer:
     async def settle(self, leader: Task) -> int:
         """End the followers of a leader that has ended (done, failed or
         cancelled); how many were ended or freed."""
+        return await self.settle_followers(leader, await self.release(leader))
+
+    async def release(self, leader: Task) -> list[str]:
+        """Remove ``leader``'s entry, so that no submit joins it any more;
+        the followers it had."""
         key = file_key(leader.url, leader.algorithms)
         if await self._lone_ends.submit((key, leader.id)):
-            return 0
+            return []
         while True:
             # A read and a delete on condition that no follower joined in
             # between: SecantusDB's find-and-modify costs ten times both.
             doc = await self.inflight.find_one({"_id": key, "leader": leader.id})
             if doc is None:
-                return 0
+                return []
             followers = list(doc["followers"])
             gone = await self.inflight.delete_one(
                 {"_id": key, "leader": leader.id, "followers": followers})
             if gone.deleted_count:
-                break
-        if not followers:
-            return 0
-        return await self._settle(followers, leader.id)
+                return followers
+
+    async def settle_followers(self, leader: Task, followers: list[str]) -> int:
+        """End (or, the leader cancelled, free) ``followers`` of ``leader``,
+        whose end is written; how many. One still waiting for a leader not
+        yet ended is left to the sweep."""
+        return await self._settle(followers, leader.id) if followers else 0
 
     async def _delete_unfollowed(self, ends: list[tuple[str, str]]) -> list[bool]:
         """Delete the entries of ended leaders nobody follows, in one write;
