@@ -36,10 +36,13 @@ def _fields(rng: random.Random) -> dict:
     return {name: rng.choice(VALUES) for name in rng.sample(names, rng.randrange(1, 6))}
 
 
-def _fresh(pair, docs):
+def _fresh(pair, n: int) -> list[dict]:
+    """Both collections holding the same ``n`` documents, which it returns."""
+    docs = [_doc(i) for i in range(n)]
     for coll in pair:
         coll.delete_many({})
         coll.insert_many([dict(d) for d in docs])
+    return docs
 
 
 def _by_id(coll):
@@ -50,8 +53,7 @@ def test_a_batch_of_conditional_ends_writes_what_set_writes(pair):
     by_pipeline, by_operators = pair
     rng = random.Random(5)
     for _ in range(30):
-        docs = [_doc(i) for i in range(12)]
-        _fresh(pair, docs)
+        docs = _fresh(pair, 12)
         cases = []
         for doc in rng.sample(docs, 8):
             fields, holds = _fields(rng), rng.random() < 0.7
@@ -73,8 +75,7 @@ def test_one_conditional_write_writes_what_set_writes(pair):
     by_pipeline, by_operators = pair
     rng = random.Random(9)
     for _ in range(20):
-        docs = [_doc(i) for i in range(3)]
-        _fresh(pair, docs)
+        _fresh(pair, 3)
         fields = _fields(rng)
         by_pipeline.update_many({}, only_if({"$eq": ["$status", "running"]}, merged(fields)))
         by_operators.update_many({}, {"$set": fields})
