@@ -54,6 +54,7 @@ from service.storage.batching import END_LINGER, Batcher, InsertBatcher
 from service.storage.conditional import only_if
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, utcnow
+from service.storage.queue_docs import held_test, literal
 
 # An entry older than this whose leader has ended (or never got stored) is
 # a leftover of a crash: a submit stores its task within seconds.
@@ -122,8 +123,7 @@ class Coalescer:
         told), follows ``leader`` instead; False when that is no longer
         its state (a worker's scan took it, or it was cancelled)."""
         if task.status == Status.RUNNING:
-            test = {"$and": [{"$eq": ["$status", str(Status.RUNNING)]},
-                             {"$eq": ["$claim", {"$literal": task.claim}]}]}
+            test = held_test(task, task.worker or "")
         else:
             test = {"$and": [{"$eq": ["$status", str(Status.QUEUED)]},
                              {"$eq": [{"$ifNull": ["$claim", None]}, None]},
@@ -132,7 +132,7 @@ class Coalescer:
                    "started_at": None, "claimed_at": None, "follows": leader,
                    "lease_until": None}
         result = await self.tasks.update_one(
-            {"_id": task.id}, only_if(test, {k: {"$literal": v} for k, v in changes.items()}))
+            {"_id": task.id}, only_if(test, literal(changes)))
         if not result.modified_count:
             return False
         if task.status == Status.RUNNING:
