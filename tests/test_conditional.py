@@ -80,3 +80,28 @@ def test_one_conditional_write_writes_what_set_writes(pair):
         by_pipeline.update_many({}, only_if({"$eq": ["$status", "running"]}, merged(fields)))
         by_operators.update_many({}, {"$set": fields})
         assert _by_id(by_pipeline) == _by_id(by_operators)
+
+
+def test_documents_without_a_case_are_left_alone(pair):
+    """The cases' rows are found by ``_id``: a document the filter reaches
+    but no case names (its index is -1, the last row) keeps itself."""
+    by_pipeline, _ = pair
+    docs = _fresh(pair, 6)
+    cases = [(d["_id"], {"$literal": True}, merged({"status": "done"})) for d in docs[:3]]
+    result = by_pipeline.update_many({}, each_only_if(cases))
+    assert result.modified_count == 3
+    after = _by_id(by_pipeline)
+    assert [after[d["_id"]]["status"] for d in docs] == ["done"] * 3 + ["running"] * 3
+
+
+def test_an_id_with_two_cases_takes_the_first_that_holds(pair):
+    by_pipeline, _ = pair
+    docs = _fresh(pair, 2)
+    first, second = docs[0]["_id"], docs[1]["_id"]
+    cases = [(first, {"$eq": ["$claim", {"$literal": "another"}]}, merged({"status": "a"})),
+             (first, {"$eq": ["$claim", {"$literal": "c0"}]}, merged({"status": "b"})),
+             (first, {"$literal": True}, merged({"status": "c"})),
+             (second, {"$literal": True}, merged({"status": "d"}))]
+    by_pipeline.update_many({"_id": {"$in": [first, second]}}, each_only_if(cases))
+    after = _by_id(by_pipeline)
+    assert (after[first]["status"], after[second]["status"]) == ("b", "d")

@@ -87,10 +87,10 @@ def _update(rng: random.Random, chosen: list[str] | None = None) -> object:
     kind = rng.randrange(7)
     if chosen and rng.random() < 0.5:
         # A batch of ends, as the service writes them (storage.conditional):
-        # one $switch on _id, a condition each, values as literals, some of
-        # which look like operators and field paths.
-        # An id may come twice, with tests that may fail: the first branch
-        # whose test holds wins (patch 8 must keep that order).
+        # a condition each, values as literals, some of which look like
+        # operators and field paths; read from a table by _id, or, when an
+        # id comes twice (with tests that may fail), one $switch branch per
+        # case where the first that holds wins (patch 8 must keep that order).
         cases = [
             (doc_id, rng.choice([{"$ne": ["$status", "gone"]},
                                  {"$eq": ["$status", rng.choice(STATUSES)]}]),

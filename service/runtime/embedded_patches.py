@@ -78,7 +78,8 @@ quarter in rewriting index entries that an update did not change.
    a burst. ``embedded_packing`` parses each format once and packs by the
    same rules; formats or values it does not model go upstream.
 8. **A ``$switch`` on ``_id`` goes straight to its document's branches.**
-   A batch of n ends (``storage.conditional.each_only_if``) is one
+   A batch of n ends whose ids repeat (``storage.conditional.each_only_if``;
+   other batches read their values from a table by id) is one
    ``$switch`` whose every case is ``{$and: [{$eq: ["$_id", {$literal:
    id}]}, test]}``; upstream's ``_op_switch`` tries the branches in turn,
    so each of the n documents evaluated about n/2 cases. Inside an update
