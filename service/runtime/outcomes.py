@@ -60,24 +60,23 @@ class Outcomes:
         # with max_age must find this download (its end is written in a
         # batch, after the record's own batch).
         await self._remember(task, download, fetched)
-        followers = await self._release(task)
-        if await self._persist(partial(
-                self.store.queue.finish, task, self.name, digests=fetched.digests,
-                error=error, verified=None if task.expected is None else not wrong,
-                server_digest=fetched.server, bytes_done=download.bytes_done,
-                bytes_total=download.bytes_total, attempt=download.progress(),
-                revalidated_from=task.revalidate.task
-                if fetched.not_modified and task.revalidate else None)):
-            self._announce(task, Status.FAILED if wrong else Status.DONE, error,
-                           digests=fetched.digests, md5=None if wrong else fetched.digests["md5"],
-                           verified=None if task.expected is None else not wrong)
-            # Counted once recorded: a task cancelled meanwhile is not done.
-            metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
-            log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
-                     fetched.digests["md5"], download.bytes_done)
-            await self._after_finish(task, "mismatch" if wrong else "ok", download, followers)
-        else:
-            await self._settle(task, followers)  # no longer ours: cancelled, say
+        followers = await self._end(task, partial(
+            self.store.queue.finish, task, self.name, digests=fetched.digests,
+            error=error, verified=None if task.expected is None else not wrong,
+            server_digest=fetched.server, bytes_done=download.bytes_done,
+            bytes_total=download.bytes_total, attempt=download.progress(),
+            revalidated_from=task.revalidate.task
+            if fetched.not_modified and task.revalidate else None))
+        if followers is None:
+            return
+        self._announce(task, Status.FAILED if wrong else Status.DONE, error,
+                       digests=fetched.digests, md5=None if wrong else fetched.digests["md5"],
+                       verified=None if task.expected is None else not wrong)
+        # Counted once recorded: a task cancelled meanwhile is not done.
+        metrics.TASKS_FINISHED.labels("failed" if wrong else "done").inc()
+        log.info("task %s %s: md5 %s, %d bytes", task.id, "mismatch" if wrong else "done",
+                 fetched.digests["md5"], download.bytes_done)
+        await self._after_finish(task, "mismatch" if wrong else "ok", download, followers)
 
     async def _remember(self, task: Task, download: Transfer, fetched: Fetched) -> None:
         """Record the file's digests for later submits with max_age."""
@@ -104,18 +103,28 @@ class Outcomes:
                 log.info("task %s attempt %d failed (%s); retrying in %.1f s", task.id,
                          task.attempts, exc.message, delay)
             return
+        followers = await self._end(task, partial(
+            self.store.queue.finish, task, self.name, error=exc.as_task_error(),
+            server_digest=exc.server, bytes_done=download.bytes_done,
+            bytes_total=download.bytes_total, attempt=download.progress()))
+        if followers is None:
+            return
+        self._announce(task, Status.FAILED, exc.as_task_error())
+        metrics.TASKS_FINISHED.labels("failed").inc()
+        log.info("task %s failed: %s", task.id, exc.message)
+        await self._after_finish(task, "failed", download, followers)
+
+    async def _end(self, task: Task, finish: Callable[[], Awaitable[bool]]
+                   ) -> list[str] | None:
+        """Release the task's coalescing entry, then write its end: the
+        followers to end after it, or None when the end was refused (no
+        longer this worker's task: cancelled, say), its followers then
+        handed on already."""
         followers = await self._release(task)
-        if await self._persist(partial(self.store.queue.finish, task, self.name,
-                                       error=exc.as_task_error(), server_digest=exc.server,
-                                       bytes_done=download.bytes_done,
-                                       bytes_total=download.bytes_total,
-                                       attempt=download.progress())):
-            self._announce(task, Status.FAILED, exc.as_task_error())
-            metrics.TASKS_FINISHED.labels("failed").inc()
-            log.info("task %s failed: %s", task.id, exc.message)
-            await self._after_finish(task, "failed", download, followers)
-        else:
-            await self._settle(task, followers)
+        if await self._persist(finish):
+            return followers
+        await self._settle(task, followers)
+        return None
 
     async def _release(self, task: Task) -> list[str]:
         """Before the end is written: no submit may join a download that
