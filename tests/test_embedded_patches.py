@@ -7,6 +7,7 @@ and drops indexes while other threads write."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.metadata
 import logging
 import random
@@ -33,8 +34,12 @@ INDEXES = [
     ("tags", [("tags", 1)], {}),
     ("names", [("name", 1)], {"collation": {"locale": "en", "strength": 2}}),
     ("serial", [("serial", 1)], {"unique": True, "sparse": True}),
+    # a path through sub-documents or arrays (patch 9's direct keys, or
+    # upstream's), and a descending date
+    ("deep", [("at", -1), ("items.k", 1)], {}),
 ]
 STATUSES = ["queued", "running", "done", "failed"]
+EPOCH = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,10 @@ def _doc(rng: random.Random, i: int) -> dict:
         doc["tags"] = rng.sample(["x", "y", "z"], rng.randrange(1, 3))
     if rng.random() < 0.2:
         doc["serial"] = i
+    if rng.random() < 0.5:
+        doc["items"] = rng.choice([{"k": rng.choice("pq")}, [{"k": "p"}, {"k": "q"}], "p"])
+    if rng.random() < 0.7:
+        doc["at"] = EPOCH + dt.timedelta(seconds=rng.randrange(100))
     return doc
 
 
@@ -155,7 +164,9 @@ def _same_writes(colls, rng: random.Random, start: int, count: int) -> int:
 
 QUERIES = [{}, {"status": "queued"}, {"status": {"$in": ["running", "done"]}, "lane": 1},
            {"client": "a"}, {"note.status": "pending"}, {"owner": "k1"},
-           {"n": {"$gte": 20}}, {"tags": "x"}, {"name": "ann"}, {"serial": {"$gte": 0}}]
+           {"n": {"$gte": 20}}, {"tags": "x"}, {"name": "ann"}, {"serial": {"$gte": 0}},
+           {"items.k": "p"}, {"at": {"$gte": EPOCH + dt.timedelta(seconds=50)}},
+           {"at": {"$lt": EPOCH + dt.timedelta(seconds=20)}, "items.k": "q"}]
 
 
 def _answers(coll, index: str | None) -> list:
@@ -215,7 +226,7 @@ def test_same_answers_as_the_unpatched_server(servers):
         if name not in present and not options.get("unique"):
             patched.create_index(keys, name=name, **options)
     scan = _answers(patched, None)
-    for name in ("claim", "client", "tags"):
+    for name in ("claim", "client", "tags", "deep"):
         assert _answers(patched, name) == scan, name
     assert patched.count_documents({}) == colls[1].count_documents({}) > 200
     assert patched.estimated_document_count() == colls[1].estimated_document_count() \

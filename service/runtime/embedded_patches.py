@@ -89,6 +89,13 @@ quarter in rewriting index entries that an update did not change.
    branch's ``$and`` would have stopped at its false ``$eq``, which cannot
    raise, so no answer and no error changes; any other shape, or no
    matching branch and no default, goes upstream.
+9. **Index keys of array-free documents, directly.** Every entry written
+   or removed asks ``_index_key_variants``, general over arrays, paths
+   through arrays, sparse rules and collations, and every insert and
+   update asks ``_doc_makes_multikey`` of every index. Where no array lies
+   on the index's paths, the key is the fields' encodings joined and the
+   answer is "not multikey"; ``embedded_index_keys`` computes that case
+   directly and sends every other upstream.
 
 Anything unexpected (another version, a method missing or reshaped) logs
 a warning and runs the server unpatched. ``EMBEDDED_DB_PATCHES=0`` makes
@@ -116,6 +123,8 @@ _STATEMENT_BODIES = ("_insert_chunk", "_update_chunk", "_update_matching_single_
                      "_delete_chunk", "_delete_matching_single_txn")
 # Of those, the ones whose update writes delete-then-write index entries.
 _UPDATE_BODIES = ("_update_chunk", "_update_matching_single_txn")
+# What patch 9 takes over, or calls, in secantus.storage.
+_KEY_FUNCTIONS = ("_index_key_variants", "_doc_makes_multikey", "encode_value_directed")
 
 
 class _Local(threading.local):
@@ -163,12 +172,15 @@ def apply() -> bool:
                  if not hasattr(getattr(cls, name, None), "__wrapped__")]
     helpers = ("_retry_write_conflicts", "_geo_type_of", "matches", "_doc_table_for")
     missing += [name for name in helpers if not callable(getattr(storage, name, None))]
-    missing += [name for name in ("_INT64_MIN", "wt") if not hasattr(storage, name)]
+    missing += [name for name in ("_INT64_MIN", "wt", "COMPOUND_SEP") if not hasattr(storage, name)]
+    missing += [name for name in _KEY_FUNCTIONS if not callable(getattr(storage, name, None))]
     binding = sys.modules.get(getattr(getattr(getattr(storage, "wt", None), "Cursor", None),
                                       "__module__", ""))
     missing += [f"wiredtiger binding's {name}" for name in ("pack", "unpack")
                 if not callable(getattr(binding, name, None))]
-    from secantus import aggregate, expressions, query
+    from secantus import aggregate, expressions, query, sortkey
+    if not callable(getattr(sortkey, "invert_bytes", None)):
+        missing.append("sortkey.invert_bytes")
     missing += [f"expressions.{name}" for name in ("_op_switch", "_OPS", "_MISSING_PROPAGATING",
                                                    "_eval")
                 if not hasattr(expressions, name)]
@@ -195,6 +207,7 @@ def apply() -> bool:
     _patch_fold_candidates(aggregate, local)
     _patch_packing(storage)
     _patch_switch_by_id(expressions, local)
+    _patch_index_keys(storage, sortkey)
     for name in _STATEMENT_BODIES:
         body = getattr(cls, name).__wrapped__
         setattr(cls, name, storage._retry_write_conflicts(
@@ -203,7 +216,8 @@ def apply() -> bool:
                 "descriptions read once per statement, updates rewrite only changed index "
                 "entries, $in of strings by set, $literal operands not walked, $switch fold "
                 "candidates once per statement, collection counts in chunks, WiredTiger formats "
-                "parsed once, $switch on _id by id", version)
+                "parsed once, $switch on _id by id, index keys of array-free documents directly",
+                version)
     return True
 
 
@@ -227,6 +241,16 @@ def _statement(body, local: _Local, updating: bool):
                 local.forget()
 
     return attempt
+
+
+def _patch_index_keys(storage, sortkey) -> None:
+    from service.runtime import embedded_index_keys
+
+    storage._index_key_variants, storage._doc_makes_multikey = embedded_index_keys.make(
+        storage._index_key_variants, storage._doc_makes_multikey,
+        storage.encode_value_directed, storage.COMPOUND_SEP)
+    # encode_value_directed reads it from its module at each call.
+    sortkey.invert_bytes = embedded_index_keys.invert_bytes
 
 
 def _patch_packing(storage) -> None:
