@@ -96,6 +96,13 @@ quarter in rewriting index entries that an update did not change.
    on the index's paths, the key is the fields' encodings joined and the
    answer is "not multikey"; ``embedded_index_keys`` computes that case
    directly and sends every other upstream.
+10. **An updated document encoded once.** An update encoded its new
+    document three times (``_doc_changed``, which compares the new BSON
+    with the old, the size check, the write). Here, inside an update
+    body, ``_doc_changed`` keeps the new document's BSON, and storage's
+    ``bson.encode`` hands it back to the size check and the write when
+    they ask for that very object (identity, not equality: the checks in
+    between only read it). Everything else encodes as before.
 
 Anything unexpected (another version, a method missing or reshaped) logs
 a warning and runs the server unpatched. ``EMBEDDED_DB_PATCHES=0`` makes
@@ -111,6 +118,7 @@ import logging
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +131,9 @@ _STATEMENT_BODIES = ("_insert_chunk", "_update_chunk", "_update_matching_single_
                      "_delete_chunk", "_delete_matching_single_txn")
 # Of those, the ones whose update writes delete-then-write index entries.
 _UPDATE_BODIES = ("_update_chunk", "_update_matching_single_txn")
-# What patch 9 takes over, or calls, in secantus.storage.
-_KEY_FUNCTIONS = ("_index_key_variants", "_doc_makes_multikey", "encode_value_directed")
+# What patch 9 takes over, or calls, in secantus.storage; and patch 10.
+_KEY_FUNCTIONS = ("_index_key_variants", "_doc_makes_multikey", "encode_value_directed",
+                  "_doc_changed")
 
 
 class _Local(threading.local):
@@ -141,6 +150,11 @@ class _Local(threading.local):
         # RecordId -> the old document whose entry deletion was deferred to
         # the write of its new version.
         self.deferred: dict[Any, tuple[dict[str, Any], Any]] = {}
+        # (an updated document, its BSON) between _doc_changed and the
+        # write of that document (patch 10).
+        self.encoded: tuple[Any, bytes] | None = None
+        # (db, coll) -> index name -> what _same_entries compares.
+        self.entry_plans: dict[tuple[str, str], dict[str, Any]] = {}
         # Stage ids -> (the stages, kept so that no id is reused; their
         # $switch fold candidates).
         self.folds: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
@@ -163,10 +177,10 @@ def apply() -> bool:
     from secantus import storage
 
     cls = storage.Storage
-    needed = (*_STATEMENT_BODIES, "_index_options_map", "_write_index_entries",
-              "_delete_index_entries", "_iter_indexes", "_maybe_mark_multikey",
-              "count_matching", "_cursor_optional", "_refresh_read_snapshot",
-              "_is_oplog_rs", "_is_system_users", "_is_system_version")
+    needed = (*_STATEMENT_BODIES, "_chunk_doc_update_checked", "_index_options_map",
+              "_write_index_entries", "_delete_index_entries", "_iter_indexes",
+              "_maybe_mark_multikey", "count_matching", "_cursor_optional",
+              "_refresh_read_snapshot", "_is_oplog_rs", "_is_system_users", "_is_system_version")
     missing = [name for name in needed if not callable(getattr(cls, name, None))]
     unwrapped = [name for name in _STATEMENT_BODIES
                  if not hasattr(getattr(cls, name, None), "__wrapped__")]
@@ -174,6 +188,8 @@ def apply() -> bool:
     missing += [name for name in helpers if not callable(getattr(storage, name, None))]
     missing += [name for name in ("_INT64_MIN", "wt", "COMPOUND_SEP") if not hasattr(storage, name)]
     missing += [name for name in _KEY_FUNCTIONS if not callable(getattr(storage, name, None))]
+    if not callable(getattr(getattr(storage, "bson", None), "encode", None)):
+        missing.append("bson")
     binding = sys.modules.get(getattr(getattr(getattr(storage, "wt", None), "Cursor", None),
                                       "__module__", ""))
     missing += [f"wiredtiger binding's {name}" for name in ("pack", "unpack")
@@ -208,6 +224,7 @@ def apply() -> bool:
     _patch_packing(storage)
     _patch_switch_by_id(expressions, local)
     _patch_index_keys(storage, sortkey)
+    _patch_encode_once(storage, local)
     for name in _STATEMENT_BODIES:
         body = getattr(cls, name).__wrapped__
         setattr(cls, name, storage._retry_write_conflicts(
@@ -216,7 +233,8 @@ def apply() -> bool:
                 "descriptions read once per statement, updates rewrite only changed index "
                 "entries, $in of strings by set, $literal operands not walked, $switch fold "
                 "candidates once per statement, collection counts in chunks, WiredTiger formats "
-                "parsed once, $switch on _id by id, index keys of array-free documents directly",
+                "parsed once, $switch on _id by id, index keys of array-free documents directly, "
+                "an updated document encoded once",
                 version)
     return True
 
@@ -251,6 +269,48 @@ def _patch_index_keys(storage, sortkey) -> None:
         storage.encode_value_directed, storage.COMPOUND_SEP)
     # encode_value_directed reads it from its module at each call.
     sortkey.invert_bytes = embedded_index_keys.invert_bytes
+
+
+def _patch_encode_once(storage, local: _Local) -> None:
+    """An updated document is encoded once: ``_doc_changed`` (comparing
+    the new document's BSON with the old one's), the size check and the
+    write each encoded it again."""
+    real = storage.bson
+    encode = real.encode
+    upstream_changed = storage._doc_changed
+    checked = storage.Storage._chunk_doc_update_checked.__code__
+    chunk, single = (getattr(storage.Storage, name).__wrapped__.__code__
+                     for name in _UPDATE_BODIES)
+
+    def doc_changed(new: Any, old: Any) -> bool:
+        if local.updating and sys._getframe(1).f_code in (checked, single):
+            try:
+                new_bson, old_bson = encode(new), encode(old)
+            except Exception:  # noqa: BLE001 - upstream's own fallback decides
+                return upstream_changed(new, old)
+            local.encoded = (new, new_bson)
+            return new_bson != old_bson
+        return upstream_changed(new, old)
+
+    def encode_once(document: Any, *args: Any, **kwargs: Any) -> bytes:
+        memo = local.encoded
+        # The same object, not an equal one: nothing between the comparison
+        # and the write changes the document (the checks only read it).
+        if memo is not None and memo[0] is document and not args and not kwargs:
+            caller = sys._getframe(1).f_code
+            if caller is checked:  # the size check; the write follows
+                return memo[1]
+            if caller is chunk or caller is single:  # the write
+                local.encoded = None
+                return memo[1]
+        return encode(document, *args, **kwargs)
+
+    # storage's own view of bson: the module's names, with encode_once.
+    proxy = types.ModuleType(real.__name__, real.__doc__)
+    proxy.__dict__.update(real.__dict__)
+    proxy.encode = encode_once  # type: ignore[attr-defined]
+    storage.bson = proxy
+    storage._doc_changed = doc_changed
 
 
 def _patch_packing(storage) -> None:
@@ -381,9 +441,15 @@ def _patch_update_entries(cls, storage, local: _Local, update_loops: set) -> Non
         old_doc, old_partials = old
         if partials is None:
             partials = self._partial_filters(db, coll)
-        options = self._index_options_map(db, coll)
+        # The statement holds the collection's lock: the same indexes and
+        # filters for each of its documents.
+        plans = local.entry_plans.get((db, coll))
+        if plans is None or any(index[0] not in plans for index in indexes):
+            options = self._index_options_map(db, coll)
+            plans = local.entry_plans[(db, coll)] = {
+                index[0]: _entry_plan(storage, index, partials, options) for index in indexes}
         changed = [index for index in indexes
-                   if not _same_entries(storage, index, old_doc, doc, partials, options)]
+                   if not _same_entries(storage, plans[index[0]], old_doc, doc)]
         if changed:
             delete_upstream(self, db, coll, old_doc, changed,
                             old_partials if old_partials is not None else partials,
@@ -502,19 +568,30 @@ def _branches_by_id(arg: Any) -> dict[str, list[int]] | None:
     return by_id
 
 
-def _same_entries(storage, index, old: dict, new: dict, partials: dict, options: dict) -> bool:
-    """Whether ``old`` and ``new`` put the same entries in an ordinary
-    index; False (rewrite it, as upstream does) for unique, prepareUnique
-    and geo indexes."""
+def _entry_plan(storage, index, partials: dict, options: dict) -> tuple[Any, ...] | None:
+    """What ``_same_entries`` reads of an index: its key fields, its
+    partial filter and that filter's fields; None for unique,
+    prepareUnique and geo indexes, and for a partial filter with an
+    operator at its top (always rewritten, as upstream does)."""
     name, key_spec, _sparse, unique = index
-    opts = options.get(name, {})
-    if unique or opts.get("prepareUnique") or storage._geo_type_of(key_spec) is not None:
-        return False
+    if unique or options.get(name, {}).get("prepareUnique") \
+            or storage._geo_type_of(key_spec) is not None:
+        return None
     partial = partials.get(name)
-    keys = {key.split(".", 1)[0] for key in key_spec}
-    filtered = {key.split(".", 1)[0] for key in partial} if partial is not None else set()
-    if any(field.startswith("$") for field in keys | filtered):
-        return False  # an operator at the top of a partial filter: upstream's path
+    keys = tuple({key.split(".", 1)[0] for key in key_spec})
+    filtered = tuple({key.split(".", 1)[0] for key in partial}) if partial is not None else ()
+    if any(field.startswith("$") for field in keys + filtered):
+        return None
+    return keys, partial, filtered
+
+
+def _same_entries(storage, plan: tuple[Any, ...] | None, old: dict, new: dict) -> bool:
+    """Whether ``old`` and ``new`` put the same entries in an ordinary
+    index (``plan``, from ``_entry_plan``); False (rewrite it, as upstream
+    does) for the others."""
+    if plan is None:
+        return False
+    keys, partial, filtered = plan
     if not all(_identical(old.get(field, _ABSENT), new.get(field, _ABSENT)) for field in keys):
         # A field of the key changed: its entries are rewritten without
         # computing them first (equal keys from unequal values, 1 and 1.0 or
