@@ -52,6 +52,12 @@ R = TypeVar("R")
 # in batches about twice as big (a statement costs SecantusDB about 0.45 ms
 # of CPU before its first document); a lone submit is written at once.
 INSERT_LINGER = 0.015
+# An insert batch this big goes at once, lingering or not: a statement's
+# cost shared by sixteen is most of the saving, and a burst's callers,
+# who each wait for their insert, come back together (waiting out the
+# linger would only idle them). Ends linger the whole while: their
+# callers' slots are free already.
+ENOUGH = 16
 
 
 class InsertBatcher:
@@ -59,7 +65,7 @@ class InsertBatcher:
 
     def __init__(self, collection):
         self.collection = collection
-        self._batcher: Batcher[dict, None] = Batcher(self._write, INSERT_LINGER)
+        self._batcher: Batcher[dict, None] = Batcher(self._write, INSERT_LINGER, ENOUGH)
 
     async def insert(self, doc: dict) -> None:
         """Insert ``doc``; DuplicateKeyError if its _id exists."""
@@ -102,22 +108,28 @@ async def one_by_one(items: list[T], write: Callable[[T], Awaitable[R]]
 class Batcher(Generic[T, R]):
     """Group concurrent calls into one ``write(items)``, which answers
     each item in order (a result, or an exception for that item alone).
-    While busy, the first call of a batch waits ``linger`` seconds for
-    company; calls
-    made while a batch is being written go in the next one. An exception
-    raised by ``write`` itself reaches every caller of that batch."""
+    While busy, the first call of a batch waits up to ``linger`` seconds
+    for company, less once ``enough`` calls are waiting (a burst's callers
+    come back together: waiting the whole linger would only idle them);
+    calls made while a batch is being written go in the next one. An
+    exception raised by ``write`` itself reaches every caller of that
+    batch."""
 
     def __init__(self, write: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
-                 linger: float = 0.0):
+                 linger: float = 0.0, enough: int = MAX_BATCH):
         self._write = write
         self.linger = linger
+        self.enough = enough
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._flushing = False
         self._last_flush = float("-inf")
+        self._company: asyncio.Event | None = None
 
     async def submit(self, item: T) -> R:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        if self._company is not None and len(self._pending) >= self.enough:
+            self._company.set()
         if not self._flushing:
             self._flushing = True
             # A fresh context: the flush serves many callers and must not
@@ -131,8 +143,14 @@ class Batcher(Generic[T, R]):
             now = asyncio.get_running_loop().time()
             busy = now - self._last_flush < BUSY_SECONDS
             self._last_flush = now
-            if self.linger and busy:
-                await asyncio.sleep(self.linger)
+            if self.linger and busy and len(self._pending) < self.enough:
+                self._company = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._company.wait(), self.linger)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._company = None
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
