@@ -15,48 +15,32 @@ class Recorder:
         return [item * 10 for item in items]
 
 
-async def _busy(batcher: Batcher) -> None:
-    """A first call goes at once and makes the batcher busy."""
-    assert await batcher.submit(0) == 0
+async def _late_company(linger: float, enough: int, late: list[int]) -> Recorder:
+    """A busy batcher; one call, then, while its batch lingers, ``late``
+    more. Every answer must come within ten seconds."""
+    recorder = Recorder()
+    batcher = Batcher(recorder.write, linger=linger, enough=enough)
+    assert await batcher.submit(0) == 0  # goes at once, and makes it busy
+    calls = [asyncio.ensure_future(batcher.submit(1))]
+    await asyncio.sleep(0.05)  # well inside the linger
+    calls += [asyncio.ensure_future(batcher.submit(i)) for i in late]
+    answers = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+    assert answers == [10 * i for i in (1, *late)]
+    return recorder
 
 
 def test_enough_callers_do_not_wait_out_the_linger():
-    asyncio.run(_enough())
-
-
-async def _enough():
-    recorder = Recorder()
-    batcher = Batcher(recorder.write, linger=60.0, enough=3)
-    await _busy(batcher)
-    calls = [asyncio.ensure_future(batcher.submit(1))]
-    await asyncio.sleep(0.05)  # the batch is lingering now, with one caller
-    calls += [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
-    # With a minute's linger, only the early flush answers within the timeout.
-    answers = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
-    assert answers == [10, 20, 30]
+    # With a minute's linger, only the early flush answers in time.
+    recorder = asyncio.run(_late_company(60.0, 3, [2, 3]))
     assert recorder.batches == [[0], [1, 2, 3]]
 
 
 def test_fewer_callers_share_a_batch_after_the_linger():
-    asyncio.run(_fewer())
-
-
-async def _fewer():
-    recorder = Recorder()
-    batcher = Batcher(recorder.write, linger=0.2, enough=16)
-    await _busy(batcher)
-    first = asyncio.ensure_future(batcher.submit(1))
-    await asyncio.sleep(0.05)  # well inside the linger
-    second = asyncio.ensure_future(batcher.submit(2))
-    assert await asyncio.gather(first, second) == [10, 20]
+    recorder = asyncio.run(_late_company(0.2, 16, [2]))
     assert recorder.batches == [[0], [1, 2]]
 
 
 def test_a_lone_call_is_written_at_once():
-    asyncio.run(_lone())
-
-
-async def _lone():
     recorder = Recorder()
     batcher = Batcher(recorder.write, linger=60.0, enough=16)
-    assert await asyncio.wait_for(batcher.submit(7), timeout=10) == 70
+    assert asyncio.run(asyncio.wait_for(batcher.submit(7), timeout=10)) == 70
