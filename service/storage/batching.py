@@ -35,22 +35,28 @@ MAX_BATCH = 256
 # share its batch: in a burst of small files a worker's tasks end a few
 # milliseconds apart, and one write for several is most of the saving (a
 # statement costs SecantusDB about 0.45 ms of CPU before its first
-# document, a task's end about 0.3 ms a document). Only while busy
-# (another batch went out within BUSY_SECONDS): a lone end is written at
-# once. The worker's slot is free by then (runtime.worker), so the wait
-# delays the /check answer (three such waits: record, release, end), not
-# throughput.
+# document, a task's end about 0.3 ms a document). Only when calls come
+# fast enough that COMPANY more are expected within it: a lone end, or
+# ends a tenth of a second apart, are written at once. The worker's slot
+# is free by then (runtime.worker), so the wait delays the /check answer
+# (three such waits: record, release, end), not throughput.
 END_LINGER = 0.06
-BUSY_SECONDS = 0.25
+COMPANY = 2
+# The mean gap between calls is a moving average; a pause counts as this
+# long at most, so that a burst after a quiet hour is recognised within a
+# few dozen calls.
+LONGEST_GAP = 1.0
+_GAP_WEIGHT = 0.2
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-# The same for a submit's inserts (the task, its coalescing entry): while
-# busy, the first waits this long for company. A burst's submits then go
-# in batches about twice as big (a statement costs SecantusDB about 0.45 ms
-# of CPU before its first document); a lone submit is written at once.
+# The same for a submit's inserts (the task, its coalescing entry): when
+# submits come fast enough, the first waits this long for company. A
+# burst's submits then go in batches about twice as big (a statement costs
+# SecantusDB about 0.45 ms of CPU before its first document); a lone
+# submit is written at once.
 INSERT_LINGER = 0.015
 # An insert batch this big goes at once, lingering or not: a statement's
 # cost shared by sixteen is most of the saving, and a burst's callers,
@@ -108,12 +114,12 @@ async def one_by_one(items: list[T], write: Callable[[T], Awaitable[R]]
 class Batcher(Generic[T, R]):
     """Group concurrent calls into one ``write(items)``, which answers
     each item in order (a result, or an exception for that item alone).
-    While busy, the first call of a batch waits up to ``linger`` seconds
-    for company, less once ``enough`` calls are waiting (a burst's callers
-    come back together: waiting the whole linger would only idle them);
-    calls made while a batch is being written go in the next one. An
-    exception raised by ``write`` itself reaches every caller of that
-    batch."""
+    When calls come fast enough that ``COMPANY`` more are expected within
+    ``linger`` seconds, the first call of a batch waits up to that long for
+    them, less once ``enough`` calls are waiting (a burst's callers come
+    back together: waiting the whole linger would only idle them); calls
+    made while a batch is being written go in the next one. An exception
+    raised by ``write`` itself reaches every caller of that batch."""
 
     def __init__(self, write: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
                  linger: float = 0.0, enough: int = MAX_BATCH):
@@ -122,11 +128,17 @@ class Batcher(Generic[T, R]):
         self.enough = enough
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._flushing = False
-        self._last_flush = float("-inf")
         self._company: asyncio.Event | None = None
+        self._last_call = float("-inf")
+        self._gap = LONGEST_GAP  # the mean seconds between calls, lately
 
     async def submit(self, item: T) -> R:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        gap = min(now - self._last_call, LONGEST_GAP)
+        self._last_call = now
+        self._gap += _GAP_WEIGHT * (gap - self._gap)
+        future = loop.create_future()
         self._pending.append((item, future))
         if self._company is not None and len(self._pending) >= self.enough:
             self._company.set()
@@ -140,9 +152,11 @@ class Batcher(Generic[T, R]):
 
     async def _flush(self) -> None:
         try:
-            now = asyncio.get_running_loop().time()
-            busy = now - self._last_flush < BUSY_SECONDS
-            self._last_flush = now
+            # Company is coming: calls have been fast lately. (Not "the
+            # one before was just now": a batcher fed by another, the
+            # ends' release by their record, gets its calls in clusters a
+            # linger apart.)
+            busy = self.linger >= COMPANY * self._gap
             if self.linger and busy and len(self._pending) < self.enough:
                 self._company = asyncio.Event()
                 try:
