@@ -114,7 +114,12 @@ async def serve_api(config: config_mod.Config, uri: str, workers: int,
     # What the pool's workers report ending, /check answers from memory.
     answers = CheckAnswers()
     handoff = Handoff(store.queue, store.clock, config.lease_seconds, config.handoff)
-    pool = (WorkerPool(config, uri, workers, on_result=answers.ended, handoff=handoff)
+
+    def ended(task_id: str, status: int, body: dict) -> None:
+        answers.ended(task_id, status, body)
+        store.coalescer.ended(task_id)  # no submit follows it any more
+
+    pool = (WorkerPool(config, uri, workers, on_result=ended, handoff=handoff)
             if workers else None)
     gauges = metrics.DatabaseGauges(store, config.metrics_db_interval)
     app = make_app(config, store, handoff if pool else WakeOnly(lambda: None), gauges=gauges,

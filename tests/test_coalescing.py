@@ -163,6 +163,30 @@ def test_cancelling_the_leader_hands_the_download_to_its_oldest_follower(make_se
     assert slow.hits[key] == 2  # the cancelled download, and the heir's
 
 
+def test_a_download_running_a_while_is_followed_from_another_api_process(make_service,
+                                                                        slow):
+    """Another API process on the same database knows nothing of this
+    one's leaders: once the download has run a second, its worker
+    registers it in ``inflight``, and that process's submit follows it
+    (made a follower after being stored as a leader, before any worker
+    sees it). The entry goes when the download ends."""
+    one = make_service(WORKERS="1")
+    other = make_service(role="api", db_name=one.db_name)
+    key, size = uuid.uuid4().hex, 100_000
+    url = slow.url(key, size=size, seconds=5)
+    leader = submit(one, url)
+    db = db_of(one)
+    wait_for(lambda: db.inflight.count_documents({"leader": leader}) == 1,
+             what="the running download to be registered")
+    follower = submit(other, url)
+    results = one.wait_all([leader, follower])
+    for task_id in (leader, follower):
+        assert results[task_id].json() == {"md5": x_md5(size), "status": "done", "url": url}
+    assert one.task(follower)["follows"] == leader
+    assert slow.hits[key] == 1
+    assert db.inflight.count_documents({}) == 0
+
+
 def test_each_follower_is_judged_by_its_own_expected_checksum(make_service, slow):
     svc = make_service(WORKERS="1")
     key, size = uuid.uuid4().hex, 30_000
@@ -200,10 +224,11 @@ def test_every_follower_gets_its_own_mail(make_service, slow):
 
 
 def test_the_sweep_ends_what_a_crash_left_half_done(make_service, files):
-    """A leader finished by a worker that died before settling; a leader
-    elected but never stored. Both leftovers are written as a crash leaves
-    them; the workers' sweep ends the first follower with the leader's
-    result and frees the second to run on its own."""
+    """A leader finished by a worker that died before settling; an entry
+    of the version before, whose leader was never stored (elected, then the
+    API died). Both leftovers are written as they are left; the workers'
+    sweep ends the first follower with the leader's result and frees the
+    second to run on its own."""
     svc = make_service(WORKERS="1", LEASE_SECONDS="0.9")  # a sweep every ~9 s
     db = db_of(svc)
     old = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)

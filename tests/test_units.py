@@ -348,9 +348,9 @@ def test_two_claimers_one_task(mongo):
                 assert stored.status == Status.RUNNING and stored.worker == winner
                 assert stored.attempts == 1
                 loser = b if winner == "A" else a
-                assert not await loser.queue.finish(stored, "B" if winner == "A" else "A",
-                                                    digests={"md5": "x"})
-                assert await a.queue.finish(stored, winner, digests={"md5": "y"})
+                assert await loser.queue.finish(stored, "B" if winner == "A" else "A",
+                                                digests={"md5": "x"}) is None
+                assert await a.queue.finish(stored, winner, digests={"md5": "y"}) == []
         finally:
             await a.close()
             await b.close()
@@ -384,7 +384,7 @@ def test_ends_written_together_fail_alone(mongo):
                 store.queue.finish(tasks[2], "W", digests={"md5": "c"}),
                 store.queue.finish(tasks[3], "W", digests={"md5": "d"}),
                 return_exceptions=True)
-            assert outcomes[0] is True and outcomes[2] is True and outcomes[3] is False
+            assert outcomes[0] == [] and outcomes[2] == [] and outcomes[3] is None
             assert isinstance(outcomes[1], Exception)
             stored = [await store.records.get(t.id) for t in tasks]
             assert [t.status for t in stored] == [Status.DONE, Status.RUNNING, Status.DONE,
@@ -409,10 +409,47 @@ def test_ends_written_together_say_which_were_still_held(mongo):
             outcomes = await asyncio.gather(*(
                 store.queue.finish(t, "W", digests={"md5": f"{n}" * 32})
                 for n, t in enumerate(tasks)))
-            assert outcomes == [True, False, True]
+            assert outcomes == [[], None, []]
             stored = [await store.records.get(t.id) for t in tasks]
             assert [t.status for t in stored] == [Status.DONE, Status.RUNNING, Status.DONE]
             assert stored[2].md5 == "2" * 32 and stored[2].history[-1]["outcome"] == "done"
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_end_names_the_submits_that_joined_its_download(mongo):
+    """A leader's end is conditioned on the followers it names: one that
+    joined before it (after the end was prepared) is named by the end and
+    settled with its result; one that comes after is refused by the join's
+    condition and runs on its own, never given a download that ended
+    before it was submitted."""
+    config = config_mod.load(None, {"LEASE_SECONDS": "30"})
+
+    async def main():
+        store = open_store(config, f"{mongo}/t_join_{uuid.uuid4().hex[:8]}")
+        try:
+            (leader,) = await _claimed(store, 1)
+            joined = []
+            for _ in range(2):
+                early = Task.new(leader.url, None, False)
+                early.follow(leader.id)
+                await store.records.create(early)
+                assert await store.coalescer.join(early, leader.id)
+                joined.append(early.id)
+            assert await store.queue.finish(leader, "W", digests={"md5": "a" * 32}) == joined
+            late = Task.new(leader.url, None, False)
+            late.follow(leader.id)
+            await store.records.create(late)
+            assert not await store.coalescer.join(late, leader.id)
+            freed = await store.records.get(late.id)
+            assert freed.follows is None and freed.lease_until is not None
+            ended = await store.records.get(leader.id)
+            assert await store.coalescer.settle_followers(ended, joined) == 2
+            for task_id in joined:
+                follower = await store.records.get(task_id)
+                assert follower.status == Status.DONE and follower.md5 == "a" * 32
         finally:
             await store.close()
 

@@ -99,13 +99,14 @@ class Submissions:
             verdict = await self.admission.admit(client)
             return verdict.lane
 
-        coalescer, fresh_id = self.store.coalescer, task.id
-        # Elected while the task is stored, as a leader, unless this process
-        # is electing for the same file already.
-        early = coalescer.elect_early(task) if self.coalesce else None
+        fresh_id = task.id
+        # This process's submit of the file, if one leads it already; if
+        # not, the task is stored as a leader while other processes'
+        # downloads are looked up.
+        election = await self.store.coalescer.elect(task) if self.coalesce else None
+        leader = election.leader if election is not None else None
+        stored_as: str | None = None  # the task that leads the file, once stored
         try:
-            leader = (await coalescer.elect(task) if self.coalesce and early is None
-                      else None)
             if leader is not None:
                 task.follow(leader)
             elif known is not None and known.conditional_headers():
@@ -119,34 +120,35 @@ class Submissions:
                     assigned.cancel()
                 if verdict is not None:
                     self.admission.release(client)  # admitted, but never stored
-                if self.coalesce and leader is None and (
-                        early is None or await coalescer.outcome(early) is None):
-                    await coalescer.abandon(task, fresh_id)
                 raise
-            if early is not None:
-                leader = await coalescer.outcome(early)
-                if leader is not None and task_id == fresh_id:
-                    # Another process's submit leads: follow it, before any
-                    # worker hears of this task.
-                    if assigned is not None:
-                        assigned.cancel()
-                        assigned = None
-                    if not await coalescer.demote(task, leader):
-                        return Accepted(task_id, self._standing(client, verdict))
             if task_id != fresh_id:  # an idempotent retry: nothing new was stored
                 if assigned is not None:
                     assigned.cancel()
-                if self.coalesce and leader is None:
-                    await coalescer.abandon(task, fresh_id)
-            elif assigned is not None:
+                return Accepted(task_id, self._standing(client, verdict))
+            if election is not None and leader is None:
+                found = await election.found()
+                if found is not None:
+                    # Another process's download of the file: follow it,
+                    # before any worker hears of this task.
+                    if assigned is not None:
+                        assigned.cancel()
+                        assigned = None
+                    if not await self.store.coalescer.demote(task, found):
+                        stored_as = task_id  # a worker has it: it leads after all
+                        return Accepted(task_id, self._standing(client, verdict))
+                    leader = found
+            stored_as = leader or task_id
+            if election is not None:
+                election.stored(stored_as)  # before a join that may find it ended
+            if assigned is not None:
                 assigned.deliver()
             elif leader is None:
                 self.dispatch.queued(task)
-            elif not await coalescer.join(task, leader):
+            elif not await self.store.coalescer.join(task, leader):
                 self.dispatch.wake()  # runnable on its own after all
         finally:
-            if early is not None:
-                coalescer.early_done(task, early)
+            if election is not None:
+                election.stored(stored_as)
         return Accepted(task_id, self._standing(client, verdict))
 
     def _standing(self, client: str, verdict: Verdict | None) -> Verdict:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo.errors import PyMongoError
 
@@ -38,6 +38,7 @@ WRITE_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 # Told of each end recorded: the task's id and its /check answer.
 Announce = Callable[[str, int, dict[str, Any]], None]
+T = TypeVar("T")
 
 
 class Outcomes:
@@ -114,27 +115,19 @@ class Outcomes:
         log.info("task %s failed: %s", task.id, exc.message)
         await self._after_finish(task, "failed", download, followers)
 
-    async def _end(self, task: Task, finish: Callable[[], Awaitable[bool]]
+    async def _end(self, task: Task, finish: Callable[[], Awaitable[list[str] | None]]
                    ) -> list[str] | None:
-        """Release the task's coalescing entry, then write its end: the
-        followers to end after it, or None when the end was refused (no
-        longer this worker's task: cancelled, say), its followers then
-        handed on already."""
-        followers = await self._release(task)
-        if await self._persist(finish):
-            return followers
-        await self._settle(task, followers)
-        return None
-
-    async def _release(self, task: Task) -> list[str]:
-        """Before the end is written: no submit may join a download that
-        has ended (storage.coalescing); the followers to end after it."""
-        if task.manifest is not None:
-            return []
-        try:
-            return await self.store.coalescer.release(task)
-        except PyMongoError:
-            return []  # the entry stays; the sweep removes it and ends them
+        """Write the task's end: the followers to end after it
+        (storage.coalescing), or None when the end was refused (no longer
+        this worker's task: a cancel hands its followers on, a worker that
+        took it over ends them)."""
+        followers = await self._persist(finish)
+        if task.manifest is None:
+            try:
+                await self.store.coalescer.unregister(task)
+            except PyMongoError:
+                pass  # the sweep removes the entry of an ended download
+        return followers
 
     async def _settle(self, task: Task, followers: list[str]) -> int:
         try:
@@ -143,10 +136,10 @@ class Outcomes:
             return 0  # the periodic sweep will end them
 
     async def _after_finish(self, task: Task, ended_as: str, download: Transfer,
-                            released: list[str]) -> None:
+                            following: list[str]) -> None:
         manifest, followers = None, 0
         if task.manifest is None:
-            followers = await self._settle(task, released)
+            followers = await self._settle(task, following)
         if task.manifest:
             try:
                 manifest = await self.store.manifests.line_ended(
@@ -158,10 +151,10 @@ class Outcomes:
         if self.hooks and (task.callback_pending or followers):
             self.hooks.wake.set()
 
-    async def _persist(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+    async def _persist(self, operation: Callable[[], Awaitable[T]]) -> T | None:
         """Write an outcome, waiting out a database outage: the work is done
-        and must not be lost to a blip. Gives up when the lease would have
-        expired anyway (another worker will redo the task)."""
+        and must not be lost to a blip. Gives up (None) when the lease would
+        have expired anyway (another worker will redo the task)."""
         deadline = loop_time() + max(self.config.lease_seconds, 5)
         failures = 0
         while True:
@@ -170,7 +163,7 @@ class Outcomes:
             except PyMongoError as exc:
                 if loop_time() > deadline:
                     log.error("giving up a database write: %s", exc)
-                    return False
+                    return None
                 failures += 1
                 await asyncio.sleep(WRITE_BACKOFF.delay(failures))
 
@@ -183,8 +176,11 @@ class Outcomes:
 
     async def internal_error(self, task: Task) -> None:
         error = TaskError("internal", "internal error while processing the task")
-        if await self._persist(partial(self.store.queue.finish, task, self.name, error=error)):
+        followers = await self._end(task, partial(self.store.queue.finish, task, self.name,
+                                                  error=error))
+        if followers is not None:
             self._announce(task, Status.FAILED, error)
+            await self._settle(task, followers)
 
     def _announce(self, task: Task, status: Status, error: TaskError | None,
                   **result: Any) -> None:

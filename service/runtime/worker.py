@@ -334,6 +334,14 @@ class Worker:
                     download.abort(TaskCancelled("task cancelled"))
                 elif lease is Lease.LOST:
                     download.abort(LeaseLost("lease lost"))
+                elif self.config.coalesce and task.manifest is None:
+                    # Running a second: other API processes' submits of
+                    # the file may follow it (storage.coalescing).
+                    try:
+                        with pymongo.timeout(interval * 2):
+                            await self.store.coalescer.register(task)
+                    except PyMongoError:
+                        pass
             try:
                 with pymongo.timeout(max(interval * 2, 2.0)):
                     await self.store.clock.sync()

@@ -70,9 +70,12 @@ class Cancellations:
             if result.modified_count:
                 if task.status == Status.QUEUED:
                     self.counters.count(queued=-1)
-                if task.follows is None and task.manifest is None:
-                    # Submits that share its download go on without it.
-                    await self.coalescer.settle(task)
                 after = await self.tasks.find_one({"_id": task_id})
+                if task.follows is None and task.manifest is None:
+                    # Submits that share its download go on without it: no
+                    # more join a cancelled task, so the list read is final.
+                    self.coalescer.ended(task_id)
+                    await self.coalescer.settle_followers(
+                        task, list((after or {}).get("followers") or []))
                 return Outcome.CANCELLED, Task.from_doc(after) if after else task
         return Outcome.BUSY, None

@@ -1,39 +1,47 @@
 """One download for every submit of the same file while it is in flight.
 
-The registry (collection ``inflight``) holds one entry per file being
-fetched, ``{_id: file key, leader: task id, followers: [task ids]}``; the
-key is the normalized URL and the digests asked for (model.same_file).
+The key is the normalized URL and the digests asked for
+(model.same_file). A *leader* is an ordinary task. A *follower* is stored
+queued with ``follows: <leader id>`` and no ``lease_until``, so no claim
+ever takes it (claims scan ``lease_until`` windows), and then its id is
+``$push``ed to the leader's own ``followers`` list on condition that the
+leader has not ended (``join``). The leader's end is conditioned on the
+list it last read (``TaskQueue.finish``), so a follower is either in the
+list that end settles or was refused by the join's condition and runs on
+its own: a submit made once the leader is seen done never gets a
+download fetched before it was made.
 
-- A submit first tries to insert the entry naming itself: the database's
-  unique ``_id`` elects one leader among any number of concurrent submits.
-  The leader is an ordinary task. Unless another submit of the same API
-  process is electing for the file, the election runs while the task is
-  stored (``elect_early``), as a leader: one database round trip on the
-  submit's path, not two. A task stored so whose election was lost (to a
-  submit of another process) is made a follower before any worker is
-  told of it (``demote``); should a worker have found it first, it runs
-  on its own.
-- A submit that finds an entry stores its task as a *follower*: queued,
-  ``follows: <leader id>`` and no ``lease_until``, so no claim ever takes it
-  (claims scan ``lease_until`` windows). Then it adds its id to the entry,
-  on condition that the entry still names that leader; if the leader has
-  ended meanwhile, the task is made runnable on its own instead.
-- When the leader's download ends, its worker removes the entry before
-  it writes the end (``release``), so that a submit made once the task is
-  seen done starts a download of its own instead of joining one that has
-  ended. Nobody followed most leaders: their entries go in one delete on
-  condition of an empty list, shared by the leaders that end together.
-  Otherwise a read, then a delete on condition that the list it read is
-  still the list, so a follower is either in that list or was refused by
-  the join's condition. Once the end is written, the worker ends every
-  follower with the leader's result in one bulk write
-  (``settle_followers``): same digests, same error, each task verified
-  against its own expected checksum and mailed to its own address.
-- A cancelled leader hands its place to its oldest follower still waiting,
-  which becomes runnable; the others follow it.
-- A crash between those steps leaves a follower whose leader has ended, or
-  an entry whose leader has ended or never got stored: ``sweep`` (every
-  worker, twice a minute) ends or frees them, so none waits forever.
+Finding the leader costs no write:
+
+- An API process remembers the leaders it stored (file key -> a future
+  of the leader's id, set before the leader's insert, so that concurrent
+  submits of one file wait for the first and follow it), and forgets
+  each when a worker reports its end (``ended``).
+- Across processes, a worker registers a download that has run a second
+  in ``inflight`` (``{_id: key, leader, created_at}``) and removes it when
+  the download ends (``register``, ``unregister``). A submit this process
+  knows no leader for reads it while its task is stored, as a leader, in
+  batches (``Election.found``); a task stored so whose file another
+  process's download turns out to be fetching is made a follower before
+  any worker is told of it (``demote``). Small files, most of a burst,
+  end before their first second: neither write (before, every submit
+  inserted an entry and every end deleted it, a fifth of the database's
+  CPU in a burst). Submits of one file through two API processes within
+  its first second may each download it: a second download, never a
+  wrong answer.
+- Both are hints: one whose leader has ended fails the join's condition,
+  and the task runs on its own.
+
+Once the end is written, the worker ends every follower with the
+leader's result in one bulk write (``settle_followers``): same digests,
+same error, each task verified against its own expected checksum and
+mailed to its own address. A cancelled leader hands its place to its
+oldest follower still waiting, which becomes runnable; the others follow
+it. A crash between those steps leaves a follower whose leader has ended,
+or an entry whose leader has ended: ``sweep`` (every worker, twice a
+minute) ends or frees them, so none waits forever. Entries written by
+the version before (which listed the followers in the entry) are settled
+by the same sweep.
 
 Manifest lines neither lead nor follow: a manifest counts its own lines.
 """
@@ -50,15 +58,59 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from service.model.digests import mismatch
 from service.model.same_file import file_key
 from service.model.task import Status, Task
-from service.storage.batching import END_LINGER, Batcher, InsertBatcher
+from service.storage.batching import ENOUGH, INSERT_LINGER, Batcher
 from service.storage.conditional import only_if
 from service.storage.counters import TaskCounters
 from service.storage.database import Collections, utcnow
 from service.storage.queue_docs import held_test, literal
 
 # An entry older than this whose leader has ended (or never got stored) is
-# a leftover of a crash: a submit stores its task within seconds.
+# a leftover of a crash: a worker removes its own when the download ends.
 _STALE = dt.timedelta(seconds=30)
+# Leaders an API process remembers; beyond this the oldest are forgotten
+# (their files' later submits then ask the database, or download again).
+MAX_REMEMBERED = 100_000
+# How long a submit waits for the one of its process that leads its file
+# to be stored (one insert); past it, it goes on as a leader of its own.
+_WAIT_FOR_LEADER = 30.0
+_RUNNING = [str(Status.QUEUED), str(Status.RUNNING)]
+
+
+class Election:
+    """A submit's place in its file's coalescing. ``leader``: the task to
+    follow, known before the task is stored; None: this task is stored
+    as a leader, and ``found`` says (once it is stored) whether another
+    process's download of the file leads after all. ``stored`` ends it."""
+
+    def __init__(self, coalescer: Coalescer, key: str, leader: str | None,
+                 own: asyncio.Future[str | None] | None = None,
+                 lookup: asyncio.Future[str | None] | None = None):
+        self._coalescer = coalescer
+        self.key = key
+        self.leader = leader
+        self._own = own
+        self._lookup = lookup
+
+    async def found(self) -> str | None:
+        """The leader registered by another process's worker; None when
+        there is none, or the read failed (a second download at worst)."""
+        if self._lookup is None:
+            return None
+        try:
+            return await self._lookup
+        except PyMongoError:
+            return None
+
+    def stored(self, leader: str | None) -> None:
+        """Tell this process's submits waiting on this one which task to
+        follow: the one that leads the file now, or None (nothing was
+        stored: they lead their own)."""
+        if self._lookup is not None and not self._lookup.done():
+            self._lookup.cancel()
+        if self._own is None or self._own.done():
+            return
+        self._own.set_result(leader)
+        self._coalescer._settled(self.key, self._own, leader)
 
 
 class Coalescer:
@@ -66,57 +118,38 @@ class Coalescer:
         self.inflight = cols.inflight
         self.tasks = cols.tasks
         self.counters = counters
-        # Every submit elects: batched like the tasks' own inserts, a burst
-        # of them costs the database a few writes, not one each.
-        self._elections = InsertBatcher(cols.inflight)
-        self._lone_ends: Batcher[tuple[str, str], bool] = Batcher(
-            self._delete_unfollowed, END_LINGER)
-        # File keys whose election a submit of this process runs early.
-        self._early: dict[str, asyncio.Future[str | None]] = {}
+        # An API process's leaders: file key -> the leader's id, once known.
+        self._leaders: dict[str, asyncio.Future[str | None]] = {}
+        self._key_of: dict[str, str] = {}  # leader id -> its file key
+        # Every submit this process knows no leader for reads the entries,
+        # batched like the tasks' own inserts.
+        self._lookups: Batcher[str, str | None] = Batcher(
+            self._registered_leaders, INSERT_LINGER, ENOUGH)
+        # A worker's downloads it registered for other processes' submits.
+        self._registered: set[str] = set()
 
     # -- at submit ------------------------------------------------------------
 
-    async def elect(self, task: Task) -> str | None:
-        """Make ``task`` the leader for its file, or return the id of the
-        task that already is (then store ``task`` with ``follow``)."""
+    async def elect(self, task: Task) -> Election:
+        """The leader ``task`` follows, if this process knows of one (a
+        submit of the same file being stored waits for it); otherwise
+        ``task`` is to be stored as a leader, while the entries are read."""
         key = file_key(task.url, task.algorithms)
         for _ in range(3):
+            known = self._leaders.get(key)
+            if known is None:
+                break
             try:
-                await self._elections.insert({"_id": key, "leader": task.id,
-                                              "followers": [], "created_at": utcnow()})
-                return None
-            except DuplicateKeyError:
-                doc = await self.inflight.find_one({"_id": key}, {"leader": 1})
-                if doc is not None:
-                    return str(doc["leader"])
-                # Released between our insert and our read: try again.
-        return None  # a file finishing over and over: run this one alone
-
-    def elect_early(self, task: Task) -> asyncio.Future[str | None] | None:
-        """Start ``elect`` for a submit that stores ``task`` meanwhile, as a
-        leader; None when a submit of this process is doing so for the same
-        file (that one likely leads: elect first and store a follower).
-        End with ``early_done``."""
-        key = file_key(task.url, task.algorithms)
-        if key in self._early:
-            return None
-        election = self._early[key] = asyncio.ensure_future(self.elect(task))
-        return election
-
-    def early_done(self, task: Task, election: asyncio.Future[str | None]) -> None:
-        key = file_key(task.url, task.algorithms)
-        if self._early.get(key) is election:
-            del self._early[key]
-
-    @staticmethod
-    async def outcome(election: asyncio.Future[str | None]) -> str | None:
-        """The leader an early election found; None when this task leads,
-        or when the election failed (then it runs on its own: a leader
-        whose entry may be missing settles nobody, which is nobody lost)."""
-        try:
-            return await election
-        except PyMongoError:
-            return None
+                leader = await asyncio.wait_for(asyncio.shield(known), _WAIT_FOR_LEADER)
+            except TimeoutError:
+                break
+            if leader is not None:
+                return Election(self, key, leader)
+            # Never stored (refused, say): the next waiting submit leads.
+        own: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._remember(key, own)
+        lookup = asyncio.ensure_future(self._lookups.submit(key))
+        return Election(self, key, None, own, lookup)
 
     async def demote(self, task: Task, leader: str) -> bool:
         """``task``, stored to lead (queued, or assigned to a worker not yet
@@ -141,72 +174,101 @@ class Coalescer:
         task.follow(leader)
         return True
 
-    async def abandon(self, task: Task, leader_id: str) -> None:
-        """The elected leader was never stored (refused by a quota, or an
-        idempotent retry of a task that exists already). Best effort: the
-        sweep frees whoever joined meanwhile, should this fail."""
-        try:
-            doc = await self.inflight.find_one_and_delete(
-                {"_id": file_key(task.url, task.algorithms), "leader": leader_id})
-            if doc and doc["followers"]:
-                await self._hand_over(list(doc["followers"]), leader_id)
-        except PyMongoError:
-            pass
-
     async def join(self, task: Task, leader: str) -> bool:
-        """Add a stored follower to its leader's entry. False (and the task
-        made runnable on its own) when the leader has ended meanwhile."""
-        result = await self.inflight.update_one(
-            {"_id": file_key(task.url, task.algorithms), "leader": leader},
+        """Add a stored follower to its leader's list. False (and the task
+        made runnable on its own, the file's leader from now on) when the
+        leader has ended meanwhile."""
+        result = await self.tasks.update_one(
+            {"_id": leader, "status": {"$in": _RUNNING}, "follows": None},
             {"$push": {"followers": task.id}})
         if result.matched_count:
             return True
         await self._free([task.id], leader)
+        self.ended(leader)
+        key = file_key(task.url, task.algorithms)
+        if key not in self._leaders:
+            now_leads: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            now_leads.set_result(task.id)
+            self._remember(key, now_leads)
+            self._key_of[task.id] = key
         return False
 
+    def ended(self, task_id: str) -> None:
+        """A task has ended (a worker said so, or this process cancelled
+        it): no submit of this process follows it any more."""
+        key = self._key_of.pop(task_id, None)
+        if key is None:
+            return
+        known = self._leaders.get(key)
+        if known is not None and known.done() and known.result() == task_id:
+            del self._leaders[key]
+
+    def _remember(self, key: str, leader: asyncio.Future[str | None]) -> None:
+        self._leaders.pop(key, None)
+        self._leaders[key] = leader
+        while len(self._leaders) > MAX_REMEMBERED:
+            oldest = next(iter(self._leaders))
+            gone = self._leaders.pop(oldest)
+            forgotten = gone.result() if gone.done() else None
+            if forgotten is not None:
+                self._key_of.pop(forgotten, None)
+
+    def _settled(self, key: str, own: asyncio.Future[str | None], leader: str | None) -> None:
+        if self._leaders.get(key) is not own:
+            return
+        if leader is None:
+            del self._leaders[key]
+        else:
+            self._key_of[leader] = key
+
+    async def _registered_leaders(self, keys: list[str]) -> list[str | None]:
+        docs = await self.inflight.find({"_id": {"$in": list(set(keys))}},
+                                        {"leader": 1}).to_list(None)
+        leaders = {doc["_id"]: str(doc["leader"]) for doc in docs}
+        return [leaders.get(key) for key in keys]
+
+    # -- while the leader downloads -------------------------------------------
+
+    async def register(self, task: Task) -> None:
+        """A download that has run a while: let other API processes'
+        submits of its file find it. One entry per file: a live leader's
+        stays, an ended one's is replaced."""
+        if task.id in self._registered:
+            return
+        key = file_key(task.url, task.algorithms)
+        entry = {"_id": key, "leader": task.id, "created_at": utcnow()}
+        try:
+            await self.inflight.insert_one(entry)
+        except DuplicateKeyError:
+            doc = await self.inflight.find_one({"_id": key}, {"leader": 1})
+            if doc is None or doc["leader"] == task.id:
+                self._registered.add(task.id)
+                return
+            other = await self.tasks.find_one({"_id": doc["leader"]}, {"status": 1})
+            if other is not None and not Status(other["status"]).finished:
+                return  # another download of the file, found first
+            replaced = await self.inflight.replace_one(
+                {"_id": key, "leader": doc["leader"]}, entry)
+            if not replaced.matched_count:
+                return
+        self._registered.add(task.id)
+
+    async def unregister(self, task: Task) -> None:
+        """The download has ended (or is no longer this worker's): its
+        entry goes, if it registered one."""
+        if task.id not in self._registered:
+            return
+        self._registered.discard(task.id)
+        await self.inflight.delete_one(
+            {"_id": file_key(task.url, task.algorithms), "leader": task.id})
+
     # -- when the leader ends -------------------------------------------------
-
-    async def settle(self, leader: Task) -> int:
-        """End the followers of a leader that has ended (done, failed or
-        cancelled); how many were ended or freed."""
-        return await self.settle_followers(leader, await self.release(leader))
-
-    async def release(self, leader: Task) -> list[str]:
-        """Remove ``leader``'s entry, so that no submit joins it any more;
-        the followers it had."""
-        key = file_key(leader.url, leader.algorithms)
-        if await self._lone_ends.submit((key, leader.id)):
-            return []
-        while True:
-            # A read and a delete on condition that no follower joined in
-            # between: SecantusDB's find-and-modify costs ten times both.
-            doc = await self.inflight.find_one({"_id": key, "leader": leader.id})
-            if doc is None:
-                return []
-            followers = list(doc["followers"])
-            gone = await self.inflight.delete_one(
-                {"_id": key, "leader": leader.id, "followers": followers})
-            if gone.deleted_count:
-                return followers
 
     async def settle_followers(self, leader: Task, followers: list[str]) -> int:
         """End (or, the leader cancelled, free) ``followers`` of ``leader``,
         whose end is written; how many. One still waiting for a leader not
         yet ended is left to the sweep."""
         return await self._settle(followers, leader.id) if followers else 0
-
-    async def _delete_unfollowed(self, ends: list[tuple[str, str]]) -> list[bool]:
-        """Delete the entries of ended leaders nobody follows, in one write;
-        for each, whether its entry is gone (False: it has followers)."""
-        keys = [key for key, _ in ends]
-        gone = await self.inflight.delete_many(
-            {"_id": {"$in": keys}, "leader": {"$in": [leader for _, leader in ends]},
-             "followers": []})
-        if gone.deleted_count == len(ends):
-            return [True] * len(ends)
-        left = {d["_id"]: d["leader"] for d in await self.inflight.find(
-            {"_id": {"$in": keys}}, {"leader": 1}).to_list(None)}
-        return [left.get(key) != leader for key, leader in ends]
 
     async def _settle(self, followers: list[str], leader_id: str) -> int:
         ended = await self.tasks.find_one({"_id": leader_id})
@@ -231,26 +293,21 @@ class Coalescer:
 
     async def _hand_over(self, followers: list[str], leader_id: str) -> int:
         """The leader was cancelled (or lost): its oldest waiting follower
-        leads now, under a new entry, and the others follow it."""
+        leads now, and the others follow it. They are pointed at it before
+        it may run, so that its end finds them in its list."""
         waiting = await self.tasks.find(
             {"_id": {"$in": followers}, "status": str(Status.QUEUED), "follows": leader_id},
             sort=[("created_at", 1)]).to_list(None)
         if not waiting:
             return 0
-        heir, rest = Task.from_doc(waiting[0]), [doc["_id"] for doc in waiting[1:]]
-        await self._free([heir.id], leader_id)
+        heir, rest = str(waiting[0]["_id"]), [doc["_id"] for doc in waiting[1:]]
         if rest:
-            try:
-                await self.inflight.insert_one({
-                    "_id": file_key(heir.url, heir.algorithms), "leader": heir.id,
-                    "followers": rest, "created_at": utcnow()})
-            except DuplicateKeyError:
-                # A new submit leads already: the rest run on their own.
-                await self._free(rest, leader_id)
-            else:
-                await self.tasks.update_many(
-                    {"_id": {"$in": rest}, "status": str(Status.QUEUED), "follows": leader_id},
-                    {"$set": {"follows": heir.id}})
+            await self.tasks.update_many(
+                {"_id": {"$in": rest}, "status": str(Status.QUEUED), "follows": leader_id},
+                {"$set": {"follows": heir}})
+        await self.tasks.update_one(
+            {"_id": heir, "status": str(Status.QUEUED), "follows": leader_id},
+            {"$set": {"follows": None, "lease_until": utcnow(), "followers": rest}})
         return len(waiting)
 
     async def _free(self, task_ids: list[str], leader_id: str) -> None:
@@ -271,9 +328,12 @@ class Coalescer:
             if leader is None or Status(leader["status"]).finished:
                 if (await self.inflight.delete_one({"_id": entry["_id"],
                                                     "leader": entry["leader"]})).deleted_count:
-                    done += await self._settle(list(entry["followers"]), entry["leader"])
-        # Followers that never made it into an entry (a crash between their
-        # insert and their join) wait for a leader that will not settle them.
+                    # An entry of the version before lists its followers.
+                    listed = list(entry.get("followers") or [])
+                    done += await self._settle(listed, entry["leader"]) if listed else 0
+        # Followers whose leader ended without settling them (a crash
+        # between the end and the settle, or between their insert and
+        # their join) wait for a leader that will not settle them.
         orphans = await self.tasks.find(
             {"status": str(Status.QUEUED), "lease_until": None, "created_at": {"$lt": cutoff}},
             {"follows": 1}).to_list(None)

@@ -24,6 +24,7 @@ a worker's own.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import uuid
@@ -59,6 +60,9 @@ _EXPIRED_TRIES = 10
 # POLL_INTERVAL. Past it, the same worker takes it, so one worker alone
 # still retries.
 _LEAVE_TO_OTHERS = dt.timedelta(seconds=2)
+# An end retried this many times because submits kept joining its download
+# gives up as if no longer held (the lease runs out; the task is redone).
+_JOIN_ROUNDS = 50
 
 
 class Lease(enum.Enum):
@@ -78,8 +82,7 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.scan = WindowedQueueScan(cols.tasks)
-        self._finishes: Batcher[tuple[Task, dict, dict], bool] = Batcher(
-            self._write_finishes, END_LINGER)
+        self._finishes: Batcher[_End, Ended] = Batcher(self._write_finishes, END_LINGER)
 
     # -- claiming ---------------------------------------------------------
 
@@ -253,11 +256,14 @@ class TaskQueue:
                      bytes_total: int | None = None, verified: bool | None = None,
                      server_digest: ServerDigest | None = None,
                      attempt: dict[str, Any] | None = None,
-                     revalidated_from: str | None = None) -> bool:
+                     revalidated_from: str | None = None) -> list[str] | None:
         """Done with ``digests``, or failed with ``error`` (a file that is not
-        the expected one has both); False when the task is no longer this
-        worker's. ``attempt``: this attempt's final progress;
-        ``revalidated_from``: the task whose digests a 304 confirmed."""
+        the expected one has both): the submits that followed its download
+        (storage.coalescing), to settle now; None when the task is no longer
+        this worker's. The end is conditioned on the followers it names, so
+        a submit joins before it (and is settled) or is refused.
+        ``attempt``: this attempt's final progress; ``revalidated_from``: the
+        task whose digests a 304 confirmed."""
         status = Status.FAILED if error is not None or not digests else Status.DONE
         now = self.clock.now()
         fields = finish_fields(task, now, status, error=error)
@@ -277,15 +283,24 @@ class TaskQueue:
             fields.update(revalidated=True, cached_from=revalidated_from)
         changes = {**merged(fields),
                    **appended(history_entry(task, now, str(status), worker, attempt))}
-        return await self._finishes.submit((task, held_test(task, worker), changes))
+        followers: list[str] = []
+        for _ in range(_JOIN_ROUNDS):
+            answer = await self._finishes.submit((task, {"$and": [
+                held_test(task, worker), _followers_are(followers)]}, changes, followers))
+            if not isinstance(answer, Joined):
+                return answer
+            if answer.followers == followers:
+                return None  # refused for another reason after all
+            followers = answer.followers  # submits joined meanwhile: end with them
+        return None
 
-    async def _write_finishes(self, ends: list[tuple[Task, dict, dict]]
-                              ) -> Sequence[bool | BaseException]:
-        """Several tasks' ends in one write; which of them were still held."""
+    async def _write_finishes(self, ends: list[_End]) -> Sequence[Ended | BaseException]:
+        """Several tasks' ends in one write; for each, its followers if it
+        was still held, None if not, or the followers it missed."""
         try:
             result = await self.tasks.update_many(
-                {"_id": {"$in": [task.id for task, _, _ in ends]}},
-                each_only_if([(task.id, test, changes) for task, test, changes in ends]))
+                {"_id": {"$in": [task.id for task, _, _, _ in ends]}},
+                each_only_if([(task.id, test, changes) for task, test, changes, _ in ends]))
         except NOT_THE_DOCUMENTS:
             raise
         except Exception:
@@ -293,20 +308,20 @@ class TaskQueue:
                 raise
             return await one_by_one(ends, self._write_one_finish)
         if result.modified_count == len(ends):
-            return [True] * len(ends)
-        # Some were no longer held (cancelled, taken over), or this is the
-        # retry of a write whose answer was lost: an end applied carries
-        # its claim and a final status.
+            return [followers for _, _, _, followers in ends]
+        # Some were no longer held (cancelled, taken over), some had
+        # followers joining, or this is the retry of a write whose answer
+        # was lost: an end applied carries its claim and a final status.
         docs = {d["_id"]: d for d in await self.tasks.find(
-            {"_id": {"$in": [task.id for task, _, _ in ends]}},
-            {"status": 1, "claim": 1}).to_list(None)}
-        return [task.id in docs and docs[task.id].get("claim") == task.claim
-                and docs[task.id].get("status") in (Status.DONE, Status.FAILED)
-                for task, _, _ in ends]
+            {"_id": {"$in": [task.id for task, _, _, _ in ends]}},
+            {"status": 1, "claim": 1, "followers": 1}).to_list(None)}
+        return [_what_ended(task, docs.get(task.id)) for task, _, _, _ in ends]
 
-    async def _write_one_finish(self, end: tuple[Task, dict, dict]) -> bool:
-        (held,) = await self._write_finishes([end])  # one alone raises, never returns one
-        return bool(held)
+    async def _write_one_finish(self, end: _End) -> Ended:
+        (answer,) = await self._write_finishes([end])  # one alone raises, never returns one
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     async def retry_later(self, task: Task, worker: str, delay: float, error: TaskError,
                           count_attempt: bool = True, checkpoint: dict[str, Any] | None = None,
@@ -329,6 +344,36 @@ class TaskQueue:
         if result.modified_count:
             self.counters.count(queued=1)
         return bool(result.modified_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """An end refused because submits joined the download since the
+    followers it named: these are its followers now."""
+    followers: list[str]
+
+
+# What an end write answers: the followers it settles, None (no longer
+# held), or Joined (try again naming them).
+Ended = list[str] | None | Joined
+# A task, the end's test, its changes, and the followers the test names.
+_End = tuple[Task, dict, dict, list[str]]
+
+
+def _followers_are(followers: list[str]) -> dict[str, Any]:
+    """Test: the task's followers (storage.coalescing) are ``followers``."""
+    return {"$eq": [{"$ifNull": ["$followers", []]}, {"$literal": followers}]}
+
+
+def _what_ended(task: Task, doc: dict | None) -> Ended:
+    if doc is None or doc.get("claim") != task.claim:
+        return None
+    followers = list(doc.get("followers") or [])
+    if doc.get("status") in (Status.DONE, Status.FAILED):
+        return followers  # applied (this write, or an earlier try of it)
+    if doc.get("status") == Status.RUNNING:
+        return Joined(followers)
+    return None
 
 
 def _failed_here_lately(cand: dict, worker: str, now: dt.datetime) -> bool:
