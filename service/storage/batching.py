@@ -1,13 +1,13 @@
 """Group concurrent writes into one: inserts into one ``insert_many``
-(``InsertBatcher``), and any other write that can serve many callers at
-once (``Batcher``: a task's end, the file's record, the coalescing entry's
-delete).
+(``InsertBatcher``), and any other statement that can serve many callers
+at once (``Batcher``: a task's end, the file's record, the coalescing
+entries' read).
 
 Under a burst of submits the database, not the API, is the limit, and on
 SecantusDB a batch of 16 inserts costs about what five single ones do. A
 submit waits only for the batch it joined to be written; a lone request
-is written at once, and only while busy does the first of a batch wait a
-little for company.
+is written at once, and only when calls come fast enough that company is
+expected (``COMPANY``) does the first of a batch wait a little for it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MAX_BATCH = 256
 # fast enough that COMPANY more are expected within it: a lone end, or
 # ends a tenth of a second apart, are written at once. The worker's slot
 # is free by then (runtime.worker), so the wait delays the /check answer
-# (three such waits: record, release, end), not throughput.
+# (two such waits: record, end), not throughput.
 END_LINGER = 0.06
 COMPANY = 2
 # The mean gap between calls is a moving average; a pause counts as this
@@ -52,8 +52,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-# The same for a submit's inserts (the task, its coalescing entry): when
-# submits come fast enough, the first waits this long for company. A
+# The same for a submit's insert (and its read of the coalescing entries):
+# when submits come fast enough, the first waits this long for company. A
 # burst's submits then go in batches about twice as big (a statement costs
 # SecantusDB about 0.45 ms of CPU before its first document); a lone
 # submit is written at once.
@@ -154,8 +154,8 @@ class Batcher(Generic[T, R]):
         try:
             # Company is coming: calls have been fast lately. (Not "the
             # one before was just now": a batcher fed by another, the
-            # ends' release by their record, gets its calls in clusters a
-            # linger apart.)
+            # ends by their record, gets its calls in clusters a linger
+            # apart.)
             busy = self.linger >= COMPANY * self._gap
             if self.linger and busy and len(self._pending) < self.enough:
                 self._company = asyncio.Event()

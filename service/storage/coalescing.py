@@ -105,8 +105,11 @@ class Election:
         """Tell this process's submits waiting on this one which task to
         follow: the one that leads the file now, or None (nothing was
         stored: they lead their own)."""
-        if self._lookup is not None and not self._lookup.done():
-            self._lookup.cancel()
+        if self._lookup is not None:
+            if not self._lookup.done():
+                self._lookup.cancel()
+            elif not self._lookup.cancelled():
+                self._lookup.exception()  # a failed read not asked for: no warning
         if self._own is None or self._own.done():
             return
         self._own.set_result(leader)
