@@ -154,7 +154,9 @@ def test_progress_is_visible_while_running(service, files):
         if doc["status"] == "running" and doc["bytes_done"]:
             seen.add(doc["bytes_done"])
             assert doc["bytes_total"] == 4000000
-    assert seen and max(seen) < 4000000
+    # Partial progress shows (a renewal as the last bytes arrive may show
+    # them all before the end is written).
+    assert seen and min(seen) < 4000000
     assert service.task(task_id)["bytes_done"] == 4000000
 
 

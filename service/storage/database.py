@@ -17,6 +17,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CollectionInvalid
 
 from service.model.task import Status, utcnow
 
@@ -90,6 +91,21 @@ class Collections:
         await self.idempotency.create_index("created_at", name="expiry",
                                             expireAfterSeconds=int(idempotency_ttl))
         await self._ensure_retention(task_ttl_days)
+        await self._ensure_collections()
+
+    async def _ensure_collections(self) -> None:
+        """Create now the collections written only later (``inflight`` once a
+        download has run a second, ``files`` at a first end): SecantusDB
+        killed while creating one leaves a table it cannot open at its
+        restart (test_hardening_db's kills under load caught it once
+        ``inflight`` stopped being written at every submit)."""
+        existing = set(await self.db.list_collection_names())
+        for coll in (self.inflight, self.files):
+            if coll.name not in existing:
+                try:
+                    await self.db.create_collection(coll.name)
+                except CollectionInvalid:
+                    pass  # another process made it meanwhile
 
     async def _ensure_claim_index(self) -> None:
         """The claim index gained ``lane``. A database from before that has
