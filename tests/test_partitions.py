@@ -82,7 +82,7 @@ def test_a_stale_claim_writes_nothing(mongo):
             assert held_by_b.claim not in (None, held_by_a.claim)
 
             assert await a.queue.renew(held_by_a, "A", 99, 100) is Lease.LOST
-            assert not await a.queue.finish(held_by_a, "A", digests={"md5": "a" * 32})
+            assert await a.queue.finish(held_by_a, "A", digests={"md5": "a" * 32}) is None
             assert not await a.queue.retry_later(held_by_a, "A", 0, TaskError("timeout", "x"))
             doc = await a.cols.tasks.find_one({"_id": created.id})
             assert (doc["status"], doc["worker"], doc["bytes_done"]) == ("running", "B", 10)
@@ -122,8 +122,8 @@ def test_the_same_worker_name_does_not_pass_the_fence(mongo):
             [second] = await a.queue.claim("W", 1)
             assert second.claim != first.claim
             assert await a.queue.renew(first, "W", 1, None) is Lease.LOST
-            assert not await a.queue.finish(first, "W", digests={"md5": "1" * 32})
-            assert await a.queue.finish(second, "W", digests={"md5": "2" * 32})
+            assert await a.queue.finish(first, "W", digests={"md5": "1" * 32}) is None
+            assert await a.queue.finish(second, "W", digests={"md5": "2" * 32}) == []
             assert (await a.records.get(created.id)).md5 == "2" * 32
         finally:
             await a.close()
