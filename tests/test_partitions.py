@@ -89,7 +89,7 @@ def test_a_stale_claim_writes_nothing(mongo):
 
             assert await b.queue.renew(held_by_b, "B", 50, 100) is Lease.HELD
             assert await b.queue.finish(held_by_b, "B", digests={"md5": "b" * 32}, bytes_done=100,
-                                        bytes_total=100)
+                                        bytes_total=100) == []
             done = await a.records.get(created.id)
             assert done.status == Status.DONE and done.md5 == "b" * 32
             view = task_view(done)
