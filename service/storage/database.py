@@ -3,9 +3,11 @@
 Collections: ``tasks`` (the record and the queue), ``idempotency``
 (Idempotency-Key -> task id, TTL-indexed), ``workers`` (heartbeats for
 /health), ``stats`` (queue counters for /metrics), ``manifests`` and
-``inflight`` (the files being fetched, for coalescing) and ``files`` (each
-file's last download, for max_age), both with ``_id`` alone. ``ensure_indexes``
-creates every index; each is named after the query it serves.
+``inflight`` (downloads that have run a second, for other API processes'
+submits of the same file to follow) and ``files`` (each file's last
+download, for max_age), both with ``_id`` alone. ``ensure_indexes``
+creates every index, each named after the query it serves, and those two
+collections.
 """
 
 from __future__ import annotations
