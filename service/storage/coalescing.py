@@ -73,7 +73,7 @@ MAX_REMEMBERED = 100_000
 # How long a submit waits for the one of its process that leads its file
 # to be stored (one insert); past it, it goes on as a leader of its own.
 _WAIT_FOR_LEADER = 30.0
-_RUNNING = [str(Status.QUEUED), str(Status.RUNNING)]
+_UNENDED = [str(Status.QUEUED), str(Status.RUNNING)]
 
 
 class Election:
@@ -182,7 +182,7 @@ class Coalescer:
         made runnable on its own, the file's leader from now on) when the
         leader has ended meanwhile."""
         result = await self.tasks.update_one(
-            {"_id": leader, "status": {"$in": _RUNNING}, "follows": None},
+            {"_id": leader, "status": {"$in": _UNENDED}, "follows": None},
             {"$push": {"followers": task.id}})
         if result.matched_count:
             return True
@@ -193,7 +193,7 @@ class Coalescer:
             now_leads: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
             now_leads.set_result(task.id)
             self._remember(key, now_leads)
-            self._key_of[task.id] = key
+            self._settled(key, now_leads, task.id)
         return False
 
     def ended(self, task_id: str) -> None:
